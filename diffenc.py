@@ -1,0 +1,1264 @@
+"""DiffEnc: Variational Diffusion with a Learned Encoder — a single-file reference implementation.
+
+Paper: Nielsen, Christensen, Dittadi, Winther, "DiffEnc: Variational Diffusion with a Learned
+Encoder", ICLR 2024, arXiv:2310.19789. Official JAX code: github.com/bemigini/DiffEnc.
+
+What DiffEnc is, in one paragraph. A variational diffusion model (VDM; Kingma et al. 2021)
+noises data with q(z_t | x) = N(alpha_t x, sigma_t^2 I). DiffEnc lets the *mean* of that
+forward process be learned and time dependent:
+
+    q(z_t | x) = N(alpha_t x_phi(x, lambda_t), sigma_t^2 I),   lambda_t = log SNR(t) = -gamma_t,
+
+where the encoder x_phi(x, lambda) = alpha^2 x + sigma^2 y_phi(x, lambda) starts at x (t = 0) and
+may move the mean anywhere near the prior end (t = 1). Because the mean now depends on lambda,
+the diffusion loss gains a derivative term dx_phi/dlambda, and the generative model predicts it
+as sigma_t^2 x_hat. The encoder is used only in training: sampling is a plain VDM sampler with
+one extra Euler term, exactly as fast as without the encoder. The paper also frees the ratio
+w = sigma_Q^2 / sigma_P^2 of the reverse-process variances and shows that the ELBO stays finite
+as T -> infinity only when w -> 1 (section 4 below).
+
+Citations. "[DiffEnc: <topic>]" points to the part of the paper that states the result;
+"[VDM]" to Kingma et al. (2021); "[code: file]" to the authors' JAX code. Equation numbers are
+deliberately not quoted (we could not verify them against the final paper). Derivations that
+the paper leaves implicit are written out in the docstrings, so this file stands on its own.
+
+How to run:
+    pip install -r requirements.txt
+    python diffenc.py --train cifar10                      # the paper's 8-block DiffEnc model
+    python diffenc.py --train mnist --size tiny --steps 300  # minutes on a laptop CPU
+    python diffenc.py --eval runs/diffenc/latest.pt        # test-set bits/dim with standard error
+    python diffenc.py --sample runs/diffenc/latest.pt      # PNG grid of samples
+    python diffenc.py --bench --size tiny                  # seconds per step, memory, ratios
+    torchrun --nproc_per_node=4 diffenc.py --train cifar10 # data-parallel on 4 GPUs
+    pytest -q                                              # the paper's theory, checked numerically
+
+Sections (the order in which the paper builds the method):
+    1. Noise schedule          gamma(t), alpha, sigma, SNR
+    2. Encoder                 x_phi(x, lambda) and dx_phi/dlambda (none / fixed / learned)
+    3. Networks                VDM score U-Net, encoder U-Net
+    4. Losses                  continuous and discrete diffusion loss, variance ratio, prior, recon
+    5. The model and the ELBO  bits per dimension
+    6. Sampling                ancestral sampler that never calls the encoder; PNG writer
+    7. Data                    CIFAR-10, MNIST (official files, md5-checked), synthetic
+    8. Training                AdamW, EMA, atomic checkpoints, exact resume, DDP
+    9. Evaluation, inspection and benchmark
+   10. Command line
+"""
+
+import argparse
+import copy
+import dataclasses
+import gzip
+import hashlib
+import io
+import math
+import os
+import pickle
+import resource
+import signal
+import struct
+import sys
+import tarfile
+import time
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DiffEncError(Exception):
+    """A problem with the user's input or files. main() prints it on one line and exits 2."""
+
+
+# -------------------------------------------------------------------------------------------------
+# 0. Configuration
+#
+# One dataclass holds every setting; presets are dicts of overrides; argparse is built from the
+# dataclass (section 10), so a flag exists exactly when a field does. Defaults are the paper's
+# small CIFAR-10 model (DiffEnc-8-2: 8-block score U-Net, 2-level encoder U-Net), trained with
+# the official optimiser settings [code: config/config_opt_adamw_0002_no_clip.json].
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # what to model
+    dataset: str = field(default="cifar10", metadata=dict(help="cifar10 | mnist | synthetic (set by --train)"))
+    data_dir: str = field(default="./data", metadata=dict(help="where data sets are cached / looked for"))
+    encoder: str = field(default="learned", metadata=dict(
+        choices=("none", "fixed", "learned"),
+        help="none: plain VDM (x_phi = x); fixed: x_phi = alpha^2 x; learned: DiffEnc's trainable encoder"))
+    param: str = field(default="v", metadata=dict(
+        choices=("v", "eps"), help="what the score network predicts: v (the paper's choice) or eps"))
+    schedule: str = field(default="fixed", metadata=dict(
+        choices=("fixed", "scalar", "net"),
+        help="fixed: linear gamma; scalar: learned endpoints (the paper's train_scalar); net: VDM's monotone network"))
+    gamma_min: float = field(default=-13.3, metadata=dict(help="gamma(0) = -log SNR at t=0 (VDM's value)"))
+    gamma_max: float = field(default=5.0, metadata=dict(help="gamma(1) = -log SNR at t=1 (VDM's value)"))
+    T: int = field(default=0, metadata=dict(help="training loss: 0 = continuous time (the paper), T > 0 = T-step discrete loss"))
+    # networks
+    size: str = field(default="small", metadata=dict(choices=("tiny", "small", "large"), help="preset: tiny (CPU, tests), small (8 blocks), large (32 blocks)"))
+    n_embd: int = field(default=128, metadata=dict(help="score U-Net channels"))
+    n_layer: int = field(default=8, metadata=dict(help="score U-Net ResNet blocks per half (8 or 32 in the paper)"))
+    dropout: float = field(default=0.1, metadata=dict(help="dropout in the score U-Net"))
+    enc_ch: int = field(default=64, metadata=dict(help="encoder U-Net channels at full resolution"))
+    enc_levels: int = field(default=2, metadata=dict(help="encoder U-Net resolution levels (each halves H, W)"))
+    enc_blocks: int = field(default=1, metadata=dict(help="encoder ResNet blocks per level"))
+    enc_dropout: float = field(default=0.1, metadata=dict(help="dropout in the encoder U-Net"))
+    # optimisation
+    steps: int = field(default=1_400_000, metadata=dict(help="training steps (the paper's small models: 1.4M)"))
+    batch_size: int = field(default=128, metadata=dict(help="global batch size (split over DDP ranks)"))
+    lr: float = field(default=2e-4, metadata=dict(help="AdamW learning rate"))
+    warmup: int = field(default=100, metadata=dict(help="linear learning-rate warm-up steps"))
+    weight_decay: float = field(default=0.01, metadata=dict(help="AdamW decoupled weight decay (not on biases or the schedule)"))
+    clip: float = field(default=0.0, metadata=dict(help="gradient-norm clipping; 0 = off (the paper)"))
+    ema: float = field(default=0.9999, metadata=dict(help="EMA decay of the weights used for eval and sampling"))
+    seed: int = field(default=0, metadata=dict(help="seed for init, data order, t, eps and dropout"))
+    # bookkeeping
+    out: str = field(default="runs/diffenc", metadata=dict(help="run folder: checkpoints, log.csv, samples"))
+    resume: bool = field(default=False, metadata=dict(help="continue the run in --out from latest.pt"))
+    log_every: int = field(default=100, metadata=dict(help="steps between progress lines / log.csv rows"))
+    eval_every: int = field(default=2000, metadata=dict(help="steps between test-BPD evaluations (EMA weights)"))
+    eval_images: int = field(default=0, metadata=dict(help="test images used by periodic evaluation; 0 = all"))
+    save_every: int = field(default=2000, metadata=dict(help="steps between checkpoints"))
+    skip_nonfinite: bool = field(default=False, metadata=dict(help="skip a batch whose loss is NaN/inf instead of stopping"))
+    sample_steps: int = field(default=1000, metadata=dict(help="sampler steps T (the paper: 1000)"))
+    amp: bool = field(default=False, metadata=dict(help="bf16 autocast for the networks (CUDA)"))
+    compile: bool = field(default=False, metadata=dict(help="torch.compile the score network (CUDA)"))
+
+
+PRESETS = {
+    # Small enough for hundreds of MNIST steps in minutes on 2 CPU cores (measured in README).
+    "tiny": dict(n_embd=32, n_layer=1, enc_ch=16, batch_size=32, log_every=10, eval_every=200,
+                 eval_images=1000, save_every=200, ema=0.999),
+    "small": dict(),  # the defaults: the paper's DiffEnc-8-2
+    # DiffEnc-32-4: 32 blocks; the paper's encoder for it is unet_mult_res_4 (2 levels x 2 blocks).
+    "large": dict(n_layer=32, enc_blocks=2),
+}
+
+# Fields that define the network and the likelihood: a checkpoint can only be resumed or
+# evaluated with the same values (the others, e.g. steps or lr, may change on resume).
+MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
+                "n_layer", "enc_ch", "enc_levels", "enc_blocks")
+
+
+def validate(cfg):
+    """Reject settings that cannot work, with the fix in the message."""
+    for name in ("steps", "batch_size", "log_every", "eval_every", "save_every", "sample_steps",
+                 "n_embd", "n_layer", "enc_ch", "enc_levels", "enc_blocks"):
+        if getattr(cfg, name) <= 0:
+            raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.T < 0:
+        raise DiffEncError(f"--T must be 0 (continuous time) or a positive number of steps, got {cfg.T}")
+    if not cfg.gamma_min < cfg.gamma_max:
+        raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max ({cfg.gamma_max})")
+    if not 0 <= cfg.ema < 1:
+        raise DiffEncError(f"--ema must be in [0, 1), got {cfg.ema}")
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. Noise schedule [VDM; DiffEnc: background]
+#
+# Everything is parameterised by gamma = -log SNR = -lambda. Variance preserving:
+#     sigma_t^2 = sigmoid(gamma_t),   alpha_t^2 = sigmoid(-gamma_t) = 1 - sigma_t^2,
+#     SNR_t = alpha_t^2 / sigma_t^2 = exp(-gamma_t),
+#     d alpha^2 / d lambda = alpha^2 sigma^2,   d sigma^2 / d lambda = -alpha^2 sigma^2.
+# gamma(t) rises from gamma_min = -13.3 (SNR 6e5, almost clean) to gamma_max = 5 (SNR 7e-3,
+# almost pure noise). Only the endpoints enter the continuous-time ELBO [VDM: invariance].
+# -------------------------------------------------------------------------------------------------
+
+def alpha_sigma(gamma):
+    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)), computed without cancellation."""
+    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
+
+
+class NoiseSchedule(nn.Module):
+    """gamma(t) for t in [0, 1], monotone increasing.
+
+    fixed:  gamma = gamma_min + (gamma_max - gamma_min) t                 [code: noise_schedules.py]
+    scalar: gamma = b + |w| t, b and w learned (the paper's `train_scalar`), init at fixed.
+    net:    gamma = gamma_0 + (gamma_1 - gamma_0) * (g(t) - g(0)) / (g(1) - g(0)), where g is VDM's
+            monotone network (dense layers with positive weights, a 1024-unit sigmoid layer) and
+            gamma_0 = b, gamma_1 = b + |w| as in `scalar` [VDM: learned noise schedule]. The
+            normalisation keeps the learned endpoints and the learned shape separate (VDM's public
+            code lets the network move the endpoints too; google-research/vdm issue 11).
+    """
+
+    def __init__(self, kind, gamma_min, gamma_max, n_hidden=1024):  # 1024: VDM's NNet width
+        super().__init__()
+        self.kind = kind
+        learn = kind != "fixed"
+        self.b = nn.Parameter(torch.tensor(float(gamma_min)), requires_grad=learn)
+        self.w = nn.Parameter(torch.tensor(float(gamma_max - gamma_min)), requires_grad=learn)
+        if kind == "net":
+            self.l1 = nn.Linear(1, 1)
+            self.l2 = nn.Linear(1, n_hidden)
+            self.l3 = nn.Linear(n_hidden, 1, bias=False)
+
+    def _monotone(self, t):  # (N,) -> (N,), increasing in t because every weight is used as |w|
+        h = t[:, None]
+        h = F.linear(h, self.l1.weight.abs(), self.l1.bias)
+        u = torch.sigmoid(F.linear(2 * (t[:, None] - 0.5), self.l2.weight.abs(), self.l2.bias))
+        return (h + F.linear(2 * (u - 0.5), self.l3.weight.abs()) / u.shape[1])[:, 0]
+
+    def forward(self, t):  # t: (N,) -> gamma: (N,)
+        gamma_0, gamma_1 = self.b, self.b + self.w.abs()
+        if self.kind == "net":
+            ends = self._monotone(torch.tensor([0.0, 1.0], device=t.device, dtype=t.dtype))
+            t = (self._monotone(t) - ends[0]) / (ends[1] - ends[0])
+        return gamma_0 + (gamma_1 - gamma_0) * t
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. Encoder [DiffEnc: the encoder and its parameterisation]
+#
+#     none:    x_phi = x                                      (VDM; dx_phi/dlambda = 0)
+#     fixed:   x_phi = alpha^2 x                              (DiffEnc-nt; dx/dlambda = alpha^2 sigma^2 x)
+#     learned: x_phi = alpha^2 x + sigma^2 y_phi(x, lambda)   (DiffEnc; y_phi a U-Net with tanh output)
+# For `learned`, with d(alpha^2)/dlambda = alpha^2 sigma^2 = -d(sigma^2)/dlambda and
+# dy/dlambda = -dy/dgamma:
+#     dx_phi/dlambda = alpha^2 sigma^2 (x - y) - sigma^2 dy/dgamma.
+# y's last conv is zero-initialised, so tanh(0) = 0 and `learned` starts exactly as `fixed`.
+# At t = 0, sigma^2 = 1.7e-6: x_phi(lambda_0) = x up to 1.7e-6 (the decoder sees the data);
+# at t = 1, sigma^2 = 0.993: the encoder almost fully controls the mean the prior must match.
+# -------------------------------------------------------------------------------------------------
+
+def encoder_mean(kind, x, gamma, y=None, dy_dgamma=None):
+    """x_phi(x, lambda) and dx_phi/dlambda for an encoder `kind`, given y and dy/dgamma for `learned`.
+
+    x: (B, ...) scaled data; gamma broadcastable to x; y, dy_dgamma: like x (learned only).
+    Returns (x_enc, dx_enc_dlam); dx_enc_dlam is None when dy_dgamma is not given for `learned`.
+    """
+    if kind == "none":
+        return x, torch.zeros_like(x)
+    a2, s2 = torch.sigmoid(-gamma), torch.sigmoid(gamma)
+    if kind == "fixed":
+        return a2 * x, a2 * s2 * x
+    x_enc = a2 * x + s2 * y
+    dx_enc = None if dy_dgamma is None else a2 * s2 * (x - y) - s2 * dy_dgamma
+    return x_enc, dx_enc
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Networks [VDM: architecture; DiffEnc: experiments]
+#
+# Score network: VDM's U-Net without resampling. Input z and Fourier features sin/cos(2^k 2 pi z)
+# for k = 6, 7 (they resolve the fine detail that the likelihood rewards [VDM: Fourier
+# features]); n_layer ResNet blocks "down", a middle ResNet + self-attention + ResNet, n_layer + 1
+# blocks "up" on concatenated skips, all at full resolution. The output is added to z (VDM's base
+# measure), and every last layer is zero-initialised, so at init v_hat = z.
+# Encoder network y_phi: a small U-Net with max-pool / transposed-conv resampling on the clean
+# image only (no z) [code: trainable_encoder_sigma3_param.py, unet.py].
+# Both take gamma and normalise it with the *configured* endpoints, as the official code does.
+# -------------------------------------------------------------------------------------------------
+
+def timestep_embedding(t_in, dim):
+    """Sinusoidal embedding of t_in (B,) -> (B, dim), Transformer/fairseq style [code: time_embedding.py]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t_in.device) / (half - 1))
+    args = t_in[:, None].float() * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+def fourier_features(z, ks=(6, 7)):
+    """sin and cos of 2^k 2 pi z for k in ks: (B, C, H, W) -> (B, 2 len(ks) C, H, W) [VDM]."""
+    freqs = torch.tensor([2.0 ** k * 2 * math.pi for k in ks], device=z.device, dtype=z.dtype)
+    h = (z[:, :, None] * freqs[:, None, None]).flatten(1, 2)  # (B, C * len(ks), H, W)
+    return torch.cat([h.sin(), h.cos()], dim=1)
+
+
+def group_norm(channels, groups):
+    # eps 1e-6 is Flax's default, which the official code uses; groups must divide channels.
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> conv3x3 -> + Dense(temb) -> GN -> SiLU -> dropout -> conv3x3 (zero init) -> + skip."""
+
+    def __init__(self, c_in, c_out, temb_dim, groups, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, c_out, bias=False)
+        self.norm2, self.conv2 = group_norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        zero_init(self.temb, self.conv2)
+
+    def forward(self, x, temb):  # x: (B, c_in, H, W), temb: (B, temb_dim) -> (B, c_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb(temb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, residual, zero-initialised output."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm, self.qkv, self.proj = group_norm(c, groups), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        zero_init(self.proj)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # 3 x (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+def time_mlp(n):
+    # Two Dense + SiLU layers of width 4n on the sinusoidal embedding [VDM; code: time_embedding.py].
+    return nn.Sequential(nn.Linear(n, 4 * n), nn.SiLU(), nn.Linear(4 * n, 4 * n), nn.SiLU())
+
+
+def zero_init(*modules):
+    for m in modules:
+        nn.init.zeros_(m.weight)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
+def lecun_init(module):
+    """Flax's default init (truncated-normal LeCun, zero bias), which the official code uses, for
+    every conv and dense layer; PyTorch's default is ~sqrt(3) smaller. Layers whose weight is all
+    zero were zero-initialised on purpose (zero_init) and are left alone."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m.weight.any():
+            transposed = isinstance(m, nn.ConvTranspose2d)  # weight (in, out, k, k) instead of (out, in, k, k)
+            fan_in = m.weight.shape[0] * m.weight[0, 0].numel() if transposed else m.weight[0].numel()
+            # 0.8796: std of a unit normal truncated to [-2, 2]; dividing by it keeps Var = 1/fan_in.
+            std = 1 / math.sqrt(fan_in) / 0.87962566103423978
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ScoreUNet(nn.Module):
+    """VDM's score network: (z_t (B, C, H, W), gamma_t (B,)) -> v_hat or eps_hat (B, C, H, W)."""
+
+    def __init__(self, cfg, channels):
+        super().__init__()
+        n, groups = cfg.n_embd, 32  # GroupNorm(32) [VDM]
+        self.gamma_min, self.gamma_max, self.n = cfg.gamma_min, cfg.gamma_max, n
+        self.temb = time_mlp(n)
+        self.conv_in = nn.Conv2d(5 * channels, n, 3, padding=1)  # z + 4 Fourier channels per channel
+        block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout)
+        self.down = nn.ModuleList([block(n) for _ in range(cfg.n_layer)])
+        self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups), block(n)
+        self.up = nn.ModuleList([block(2 * n) for _ in range(cfg.n_layer + 1)])
+        self.norm_out, self.conv_out = group_norm(n, groups), nn.Conv2d(n, channels, 3, padding=1)
+        zero_init(self.conv_out)
+
+    def forward(self, z, gamma):
+        t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)  # (B,), in [0, 1]
+        temb = self.temb(timestep_embedding(1000 * t_in, self.n))            # (B, 4n)
+        hs = [self.conv_in(torch.cat([z, fourier_features(z)], dim=1))]      # (B, n, H, W)
+        for blk in self.down:
+            hs.append(blk(hs[-1], temb))
+        h = self.mid2(self.attn(self.mid1(hs[-1], temb)), temb)
+        for blk in self.up:
+            h = blk(torch.cat([h, hs.pop()], dim=1), temb)                   # (B, n, H, W)
+        return self.conv_out(F.silu(self.norm_out(h))) + z                   # base measure: + z
+
+
+class EncoderUNet(nn.Module):
+    """The learned part of DiffEnc's encoder: (x (B, C, H, W), gamma (B,)) -> y in (-1, 1)^(C H W).
+
+    Level i has enc_ch * 2^i channels; down = ResBlocks then 2x2 max-pool; middle = ResBlock +
+    attention + ResBlock; up = 2x2 transposed conv, concat skip, ResBlocks; GN(16) + SiLU +
+    zero-init conv_out; tanh [code: unet.py, trainable_encoder_sigma3_param.py]. H and W must be
+    divisible by 2^enc_levels (28 -> 14 -> 7 for MNIST, 32 -> 16 -> 8 for CIFAR-10).
+    """
+
+    def __init__(self, cfg, channels):
+        super().__init__()
+        c0, groups, L = cfg.enc_ch, 16, cfg.enc_levels  # GroupNorm(16) [code: unet.py]
+        self.gamma_min, self.gamma_max, self.c0 = cfg.gamma_min, cfg.gamma_max, c0
+        self.temb = time_mlp(c0)
+        block = lambda c_in, c_out: ResBlock(c_in, c_out, 4 * c0, groups, cfg.enc_dropout)
+        chs = [c0 * 2 ** i for i in range(L)]
+        self.conv_in = nn.Conv2d(channels, c0, 3, padding=1)
+        self.down = nn.ModuleList(nn.ModuleList([block(chs[max(i - 1, 0)] if j == 0 else chs[i], chs[i])
+                                                 for j in range(cfg.enc_blocks)]) for i in range(L))
+        self.mid1, self.attn, self.mid2 = block(chs[-1], chs[-1]), AttnBlock(chs[-1], groups), block(chs[-1], chs[-1])
+        self.upsample = nn.ModuleList(nn.ConvTranspose2d(chs[min(i + 1, L - 1)], chs[i], 2, stride=2) for i in range(L))
+        self.up = nn.ModuleList(nn.ModuleList([block(2 * chs[i] if j == 0 else chs[i], chs[i])
+                                               for j in range(cfg.enc_blocks)]) for i in range(L))
+        self.norm_out, self.conv_out = group_norm(c0, groups), nn.Conv2d(c0, channels, 3, padding=1)
+        zero_init(self.conv_out)
+
+    def forward(self, x, gamma):
+        t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+        temb = self.temb(timestep_embedding(1000 * t_in, self.c0))  # (B, 4 c0)
+        h, skips = self.conv_in(x), []
+        for blocks in self.down:
+            for blk in blocks:
+                h = blk(h, temb)
+            skips.append(h)
+            h = F.max_pool2d(h, 2)                                   # (B, c_i, H / 2^(i+1), ...)
+        h = self.mid2(self.attn(self.mid1(h, temb)), temb)
+        for i in reversed(range(len(self.up))):
+            h = torch.cat([self.upsample[i](h), skips[i]], dim=1)    # (B, 2 c_i, H / 2^i, ...)
+            for blk in self.up[i]:
+                h = blk(h, temb)
+        return torch.tanh(self.conv_out(F.silu(self.norm_out(h))))  # y in (-1, 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Losses [DiffEnc: diffusion loss with a learned encoder; variance ratio]
+#
+# Reverse processes. For s < t, write kappa = 1 - SNR_t/SNR_s = -expm1(gamma_s - gamma_t). The
+# reverse encoder q(z_s | z_t, x) that is consistent with the marginals N(alpha x_phi, sigma^2) is
+#     mu_Q = (alpha_s/alpha_t)(SNR_t/SNR_s) z_t + alpha_s kappa x_phi(t) + alpha_s (x_phi(s) - x_phi(t)),
+#     sigma_Q^2 = kappa sigma_s^2.
+# The generative model p(z_s | z_t) replaces x_phi(t) by its prediction x_hat(z_t, t) and the
+# encoder increment x_phi(s) - x_phi(t) by the Euler step (lambda_s - lambda_t) sigma_t^2 x_hat,
+# i.e. it models dx_phi/dlambda by sigma_t^2 x_hat (exact in form for the fixed encoder,
+# dx/dlambda = sigma^2 x_phi). With sigma_P = sigma_Q each step costs
+#     KL_i = ||mu_Q - mu_P||^2 / (2 sigma_Q^2)
+#          = 1/2 (SNR_s - SNR_t) || x_phi(t) - x_hat + [(x_phi(s) - x_phi(t)) - (lambda_s - lambda_t) sigma_t^2 x_hat] / kappa ||^2,
+# and L_T = sum_i KL_i. As T -> infinity, kappa -> (lambda_s - lambda_t), the bracket / kappa ->
+# dx_phi/dlambda - sigma_t^2 x_hat, and SNR_s - SNR_t -> gamma'(t) SNR_t dt, giving
+#     L_inf = 1/2 E_t [ gamma'(t) SNR_t || (x_phi + dx_phi/dlambda) - (x_hat + sigma_t^2 x_hat) ||^2 ].
+# For the plain VDM (x_phi = x, no Euler term) these are VDM's discrete and continuous losses.
+#
+# Numerics. SNR_t reaches 6e5 near t = 0, where x_phi - x_hat is a tiny difference of O(1)
+# numbers. We therefore never form it: with z_t = alpha x_phi + sigma eps,
+#     (alpha/sigma)(x_phi - x_hat) = eps_hat - eps               (eps-prediction)
+#                                  = alpha (v_hat - v),  v = alpha eps - sigma x_phi  (v-prediction),
+# both O(1) at every t, and every loss below is written in terms of this `scaled error`.
+# -------------------------------------------------------------------------------------------------
+
+def predict_x(out, z, alpha, sigma, param):
+    """x_hat from the network output: v-prediction x_hat = alpha z - sigma v_hat; eps: (z - sigma eps_hat)/alpha."""
+    return alpha * z - sigma * out if param == "v" else (z - sigma * out) / alpha
+
+
+def scaled_error(out, eps, x_enc, alpha, sigma, param):
+    """(alpha/sigma)(x_phi - x_hat), computed from eps- or v-space so that it is exact in float32."""
+    if param == "eps":
+        return out - eps
+    return alpha * (out - (alpha * eps - sigma * x_enc))
+
+
+def sum_dims(a):
+    """Sum over every dimension but the batch: (B, ...) -> (B,)."""
+    return a.flatten(1).sum(1)
+
+
+def diffusion_loss_continuous(dgamma_dt, alpha, sigma, err, dx_enc, dx_hat):
+    """The continuous-time diffusion loss integrand, per sample (nats):
+
+        1/2 gamma'(t) SNR_t || (x_phi - x_hat) + (dx_phi/dlambda - dx_hat/dlambda) ||^2
+      = 1/2 gamma'(t) || err + (alpha/sigma)(dx_phi/dlambda - dx_hat/dlambda) ||^2.
+
+    err = scaled_error(...); dx_enc = dx_phi/dlambda; dx_hat = sigma^2 x_hat (DiffEnc) or 0 (VDM).
+    dgamma_dt: (B,); alpha, sigma broadcastable to err. Returns (B,).
+    With dx_enc = dx_hat = 0 this is VDM's 1/2 gamma' ||eps - eps_hat||^2 = 1/2 gamma' alpha^2 ||v - v_hat||^2.
+    """
+    r = err + (alpha / sigma) * (dx_enc - dx_hat)  # (alpha/sigma) * residual of "x + dx/dlambda"
+    return 0.5 * dgamma_dt * sum_dims(r.square())
+
+
+def diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat, euler):
+    """The exact KL of one step, KL(q(z_s|z_t,x) || p(z_s|z_t)) with sigma_P = sigma_Q, per sample (nats).
+
+        KL = 1/2 (SNR_s - SNR_t) || (x_t - x_hat) + [(x_s - x_t) - (lambda_s - lambda_t) sigma_t^2 x_hat] / kappa ||^2
+           = 1/2 expm1(gamma_t - gamma_s) || err + (alpha_t/sigma_t) [...] / kappa ||^2,
+
+    using (SNR_s - SNR_t)/SNR_t = expm1(gamma_t - gamma_s). x_enc_s, x_enc_t: the encoder at s and
+    t (the exact increment on the q side); euler: the generative model's sigma_t^2 x_hat term
+    (True for DiffEnc, False for VDM). The T-step loss is L_T = sum_i KL_i = T E_i[KL_i].
+    """
+    kappa = -torch.expm1(gamma_s - gamma_t)
+    increment = x_enc_s - x_enc_t
+    if euler:
+        increment = increment - (gamma_t - gamma_s) * sigma_t ** 2 * x_hat  # lambda_s - lambda_t = gamma_t - gamma_s
+    r = err + (alpha_t / sigma_t) * increment / kappa
+    return 0.5 * torch.expm1(gamma_t - gamma_s) * sum_dims(r.square())
+
+
+def q_reverse(z_t, x_enc_s, x_enc_t, gamma_s, gamma_t):
+    """The reverse encoder q(z_s | z_t, x) for s < t: (mean, variance), see the section head."""
+    alpha_s, sigma_s = alpha_sigma(gamma_s)
+    alpha_t, _ = alpha_sigma(gamma_t)
+    kappa = -torch.expm1(gamma_s - gamma_t)
+    coef = alpha_s / alpha_t * torch.exp(gamma_s - gamma_t)  # (alpha_s/alpha_t) SNR_t/SNR_s
+    mean = coef * z_t + alpha_s * kappa * x_enc_t + alpha_s * (x_enc_s - x_enc_t)
+    return mean, kappa * sigma_s ** 2
+
+
+def p_reverse(z_t, x_hat, gamma_s, gamma_t, euler):
+    """The generative step p(z_s | z_t) = q(z_s | z_t, x) with x_phi(t) -> x_hat and the encoder
+    increment -> the Euler step (lambda_s - lambda_t) sigma_t^2 x_hat (DiffEnc only). Returns
+    (mean, variance) with sigma_P^2 = sigma_Q^2, the choice that keeps the ELBO finite as T grows."""
+    step = (gamma_t - gamma_s) * torch.sigmoid(gamma_t) * x_hat if euler else 0.0
+    return q_reverse(z_t, x_hat + step, x_hat, gamma_s, gamma_t)
+
+
+def gaussian_kl(mean_q, var_q, mean_p, var_p):
+    """KL(N(mean_q, var_q) || N(mean_p, var_p)) elementwise (nats)."""
+    return 0.5 * (torch.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1)
+
+
+# Variance ratio [DiffEnc: the weight w = sigma_Q^2 / sigma_P^2]. With isotropic variances in d
+# dimensions and A = ||mu_Q - mu_P||^2 / (2 sigma_Q^2) (the equal-variance KL above),
+#     KL(w) = d/2 (w - 1 - log w) + w A.
+# For fixed w_i the ELBO is a per-step weighted diffusion loss plus a constant. Minimising over w
+# gives w* = d / (d + 2 E[A]), i.e. sigma_P*^2 = sigma_Q^2 + E||mu_Q - mu_P||^2 / d. Since E[A] =
+# O(1/T), w* -> 1 at rate 1/T; a fixed w != 1 adds T d/2 (w - 1 - log w), which grows linearly in
+# T: the infinite-depth ELBO is finite only for w -> 1. test_diffenc.py checks all of this.
+
+def weighted_step_kl(A, w, d):
+    """KL of one step with sigma_P^2 = sigma_Q^2 / w, from its equal-variance value A (nats)."""
+    return d / 2 * (w - 1 - torch.log(w)) + w * A
+
+
+def optimal_sigma_p2(sigma_q2, mean_sq_err):
+    """The sigma_P^2 that minimises E KL for a finite step: sigma_Q^2 + E||mu_Q - mu_P||^2 / d.
+    mean_sq_err is E||mu_Q - mu_P||^2 / d (or per dimension, for per-dimension variances)."""
+    return sigma_q2 + mean_sq_err
+
+
+def prior_loss(x_enc_1, gamma_1):
+    """KL(q(z_1|x) || N(0, I)) = 1/2 sum(alpha_1^2 x_phi(1)^2 + sigma_1^2 - log sigma_1^2 - 1), per sample.
+    DiffEnc evaluates it at the encoder's x_phi(lambda_1) [code: sigma3_v_approx_model.py]."""
+    alpha_1, sigma_1 = alpha_sigma(gamma_1)
+    var = sigma_1 ** 2 * torch.ones_like(x_enc_1)
+    return sum_dims(gaussian_kl(alpha_1 * x_enc_1, var, torch.zeros_like(var), torch.ones_like(var)))
+
+
+PIXEL_GRID = 2 * (torch.arange(256) + 0.5) / 256 - 1  # the 256 values a scaled pixel can take
+
+
+def scale_pixels(x_int):
+    """{0..255} -> centres of 256 bins in (-1, 1): x = 2(x_int + 0.5)/256 - 1 [code: encode_decode/util.py]."""
+    return 2 * (x_int.float() + 0.5) / 256 - 1
+
+
+def recon_loss(x_int, x_enc_0, gamma_0, eps_0):
+    """-log p(x | z_0) with VDM's discretised decoder, per sample (nats).
+
+    z_0/alpha_0 = x_phi(lambda_0) + exp(gamma_0/2) eps_0, and each sub-pixel has a 256-way softmax
+    over the grid values x_k with logits -(z_0/alpha_0 - x_k)^2 / (2 exp(gamma_0)) [VDM]. At
+    gamma_0 = -13.3 this costs ~7e-3 nats per sub-pixel. Memory: B*C*H*W*256 floats.
+    """
+    u = x_enc_0 + torch.exp(gamma_0 / 2) * eps_0                          # (B, C, H, W)
+    grid = PIXEL_GRID.to(u)
+    logits = -0.5 * (u[..., None] - grid) ** 2 / torch.exp(gamma_0)[..., None]  # (B, C, H, W, 256)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, x_int.long()[..., None])[..., 0]
+    return -sum_dims(logp)
+
+
+def decode(z_0, gamma_0):
+    """The decoder's argmax: the grid value nearest to z_0/alpha_0, since the logits above are a
+    downward parabola centred there. (N, C, H, W) -> uint8 in {0..255}."""
+    alpha_0, _ = alpha_sigma(gamma_0)
+    return ((z_0 / alpha_0 + 1) * 128 - 0.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def low_discrepancy_times(u, n_total, offset=0, n=None):
+    """t_i = (u + i / n_total) mod 1 for i = offset .. offset + n - 1 [VDM: variance reduction].
+    One uniform u per step spreads the batch evenly over [0, 1); a DDP rank takes its slice."""
+    n = n_total if n is None else n
+    i = torch.arange(offset, offset + n, device=u.device, dtype=u.dtype)
+    return torch.remainder(u + i / n_total, 1.0)
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. The model and the ELBO in bits per dimension [DiffEnc: training objective]
+#
+#     -ELBO(x) = recon (t = 0) + prior (t = 1) + diffusion (0 < t < 1),
+#     bpd = -ELBO / (d ln 2),  d = C H W.
+# The training loss is exactly this bpd, estimated with one t and one eps per image. One call of
+# the encoder gives y and dy/dgamma together (torch.func.jvp, forward mode, one dropout mask);
+# the two boundary terms need x_phi at gamma_0 and gamma_1, one batched plain call.
+# -------------------------------------------------------------------------------------------------
+
+class DiffEnc(nn.Module):
+    """Parameters of the schedule, the score network and (for encoder="learned") the encoder.
+    forward() returns the three -ELBO terms per image; the math lives in the functions above."""
+
+    def __init__(self, cfg, image_shape):
+        super().__init__()
+        C, H, W = image_shape
+        if cfg.encoder == "learned" and (H % 2 ** cfg.enc_levels or W % 2 ** cfg.enc_levels):
+            raise DiffEncError(f"images of {H}x{W} do not fit an encoder U-Net with {cfg.enc_levels} "
+                               f"levels (H, W must be divisible by {2 ** cfg.enc_levels}); lower --enc-levels")
+        self.cfg, self.image_shape = cfg, tuple(image_shape)
+        self.schedule = NoiseSchedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max)
+        self.score = ScoreUNet(cfg, C)
+        self.enc = EncoderUNet(cfg, C) if cfg.encoder == "learned" else None
+        lecun_init(self.score)
+        if self.enc is not None:
+            lecun_init(self.enc)
+
+    def encode(self, x, gamma, derivative):
+        """x_phi(x, lambda) and (if derivative) dx_phi/dlambda. x: (B, C, H, W), gamma: (B,)."""
+        g = gamma[:, None, None, None]
+        if self.enc is None:
+            return encoder_mean(self.cfg.encoder, x, g)
+        if not derivative:
+            return encoder_mean("learned", x, g, self.enc(x, gamma))
+        # Forward-mode AD with tangent 1 for every sample's gamma: y and dy/dgamma in one pass,
+        # exact (no finite differences) and per sample (the U-Net has no cross-batch operations).
+        y, dy = torch.func.jvp(lambda gm: self.enc(x, gm), (gamma,), (torch.ones_like(gamma),))
+        return encoder_mean("learned", x, g, y, dy)
+
+    def forward(self, x_int, t, eps, eps_0):
+        """-ELBO terms per image (nats): (diffusion, latent, recon), each (B,).
+
+        x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1); eps, eps_0: (B, C, H, W) ~ N(0, I).
+        """
+        cfg, B = self.cfg, x_int.shape[0]
+        x = scale_pixels(x_int)                                                   # (B, C, H, W)
+        gamma_t, dgamma_dt = torch.func.jvp(self.schedule, (t,), (torch.ones_like(t),))  # (B,), (B,)
+        gamma_ends = self.schedule(torch.tensor([0.0, 1.0], device=t.device))    # (2,)
+        gamma_0, gamma_1 = gamma_ends[0].expand(B), gamma_ends[1].expand(B)
+        x_enc_ends, _ = self.encode(torch.cat([x, x]), torch.cat([gamma_0, gamma_1]), derivative=False)
+        x_enc_0, x_enc_1 = x_enc_ends.chunk(2)
+        euler = cfg.encoder != "none"
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.amp):
+            if cfg.T == 0:
+                diff = self._continuous(x, gamma_t, dgamma_dt, eps, euler)
+            else:
+                diff = self._discrete(x, t, eps, euler)
+        latent = prior_loss(x_enc_1, gamma_1[:, None, None, None])
+        recon = recon_loss(x_int, x_enc_0, gamma_0[:, None, None, None], eps_0)
+        return diff, latent, recon
+
+    def _continuous(self, x, gamma_t, dgamma_dt, eps, euler):
+        g = gamma_t[:, None, None, None]
+        alpha, sigma = alpha_sigma(g)
+        x_enc, dx_enc = self.encode(x, gamma_t, derivative=True)
+        z_t = alpha * x_enc + sigma * eps                                        # q(z_t | x)
+        out = self.score(z_t, gamma_t).float()
+        x_hat = predict_x(out, z_t, alpha, sigma, self.cfg.param)
+        dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)        # model of dx_phi/dlambda
+        err = scaled_error(out, eps, x_enc, alpha, sigma, self.cfg.param)
+        return diffusion_loss_continuous(dgamma_dt, alpha, sigma, err, dx_enc, dx_hat)
+
+    def _discrete(self, x, t, eps, euler):
+        T, B = self.cfg.T, x.shape[0]
+        i = torch.floor(t * T) + 1                                               # step index in 1..T
+        gammas = self.schedule(torch.cat([(i - 1) / T, i / T]))                  # (2B,): s then t
+        x_encs, _ = self.encode(torch.cat([x, x]), gammas, derivative=False)     # exact increment
+        gamma_s, gamma_t = gammas[:B, None, None, None], gammas[B:, None, None, None]
+        (x_enc_s, x_enc_t), (alpha_t, sigma_t) = x_encs.chunk(2), alpha_sigma(gamma_t)
+        z_t = alpha_t * x_enc_t + sigma_t * eps
+        out = self.score(z_t, gammas[B:]).float()
+        x_hat = predict_x(out, z_t, alpha_t, sigma_t, self.cfg.param)
+        err = scaled_error(out, eps, x_enc_t, alpha_t, sigma_t, self.cfg.param)
+        return T * diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat, euler)
+
+
+def bits_per_dim(terms, image_shape):
+    """Per-image nats -> bits per dimension: sum of the terms / (d ln 2)."""
+    return sum(terms) / (math.prod(image_shape) * math.log(2))
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. Sampling [DiffEnc: the encoder is discarded after training]
+#
+# Ancestral sampling on the uniform grid t_i = i/T: z_1 ~ N(0, I), then z_s ~ p(z_s | z_t) of
+# section 4 (sigma_P = sigma_Q; DiffEnc models add the Euler term alpha_s (lambda_s - lambda_t)
+# sigma_t^2 x_hat), down to z_0, which is decoded by the argmax of the 256-way decoder. Only the
+# schedule and the score network are used, so DiffEnc samples exactly as fast as a VDM.
+# -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(model, n, T, seed, keep=()):
+    """n samples with T steps. Returns (x (n, C, H, W) uint8, {step i: x_hat at t = i/T} for i in keep)."""
+    device = next(model.score.parameters()).device
+    g = rng(seed, 3)  # noise drawn on the CPU: the same samples on every device
+    z = torch.randn((n, *model.image_shape), generator=g).to(device)             # z_1
+    gammas = model.schedule(torch.linspace(0, 1, T + 1, device=device))        # (T + 1,)
+    kept, euler = {}, model.cfg.encoder != "none"
+    for i in range(T, 0, -1):
+        gamma_t, gamma_s = gammas[i], gammas[i - 1]
+        alpha_t, sigma_t = alpha_sigma(gamma_t)
+        with torch.autocast(device.type, torch.bfloat16, enabled=model.cfg.amp):
+            out = model.score(z, gamma_t.expand(n)).float()
+        x_hat = predict_x(out, z, alpha_t, sigma_t, model.cfg.param)           # (n, C, H, W)
+        if i in keep:
+            kept[i] = x_hat.cpu()
+        mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, euler)
+        z = mean + var.sqrt() * torch.randn(z.shape, generator=g).to(device)   # the last step is stochastic too
+    return decode(z, gammas[0]).cpu(), kept
+
+
+def image_grid(x, nrow, pad=2):
+    """(N, C, H, W) uint8 -> (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) uint8 with a white frame."""
+    N, C, H, W = x.shape
+    rows = -(-N // nrow)
+    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), 255, np.uint8)
+    for k in range(N):
+        r, c = divmod(k, nrow)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[k].permute(1, 2, 0).numpy()
+    return grid
+
+
+def write_png(path, img):
+    """Write an (H, W, 1) or (H, W, 3) uint8 array as PNG with zlib alone (8-bit gray or RGB)."""
+    img = np.ascontiguousarray(img)
+    H, W, C = img.shape
+    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    rows = b"".join(b"\x00" + img[r].tobytes() for r in range(H))  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", W, H, 8, 0 if C == 1 else 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+    atomic_write(path, lambda f: f.write(png))
+
+
+# -------------------------------------------------------------------------------------------------
+# 7. Data
+#
+# Images are kept in memory as uint8 (N, C, H, W). The official files are downloaded once into
+# --data-dir, checked by md5, and read with numpy/pickle; files already there are used without
+# network. The model is unconditional, so label files are not needed. No augmentation [code:
+# load_data.py]. `synthetic` is a small built-in set of 16x16 shapes for smoke runs and tests.
+# -------------------------------------------------------------------------------------------------
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the archive (170,498,071 bytes)
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_FILES = {  # split -> (file, md5 of the *decompressed* idx file, so any re-compression is accepted)
+    "train": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+    "test": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+}
+
+
+def rng(*keys):
+    """A CPU torch.Generator seeded by a tuple of ints: every random draw in training and
+    evaluation is a pure function of (seed, step, ...), which makes resume exact."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]))
+
+
+def download(url, path):
+    """Fetch url to path through path.part, so an interrupted download never looks complete."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            atomic_write(path, lambda f: f.write(r.read()))
+    except OSError as e:
+        raise DiffEncError(f"cannot download {url} ({getattr(e, 'reason', e)}); download it by hand "
+                           f"and place it at {os.path.abspath(path)}") from None
+
+
+def md5(data):
+    return hashlib.md5(data).hexdigest()
+
+
+def load_mnist(data_dir, split):
+    name, want = MNIST_FILES[split]
+    path = next((p for p in (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")) if os.path.exists(p)), None)
+    if path is None:
+        path = os.path.join(data_dir, name + ".gz")
+        download(MNIST_URL + name + ".gz", path)
+    try:
+        raw = gzip.decompress(open(path, "rb").read()) if path.endswith(".gz") else open(path, "rb").read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DiffEncError(f"{path} is not a readable gzip file ({e}); delete it and run again, or place the official file there") from None
+    if md5(raw) != want:
+        raise DiffEncError(f"{path} has md5 {md5(raw)} (decompressed), not the official {want}: a corrupt or "
+                           f"truncated copy; delete it and run again, or place the official file there")
+    magic, n, h, w = struct.unpack(">IIII", raw[:16])  # idx3: big-endian header, then n*h*w bytes
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, n * h * w, 16).reshape(n, 1, h, w).copy())
+
+
+def load_cifar10(data_dir, split):
+    path = os.path.join(data_dir, "cifar-10-python.tar.gz")
+    if not os.path.exists(path):
+        download(CIFAR10_URL, path)
+    if md5(open(path, "rb").read()) != CIFAR10_MD5:
+        raise DiffEncError(f"{path} does not have the official md5 {CIFAR10_MD5}: a corrupt or truncated "
+                           f"download; delete it and run again, or place the official archive there")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    with tarfile.open(path, "r:gz") as tar:
+        # Python-2 pickles of {'data': uint8 (10000, 3072) as R, G, B planes of 32x32, 'labels'};
+        # unpickling is safe here because the archive's md5 was checked above.
+        batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="latin1")["data"] for n in names]
+    return torch.from_numpy(np.concatenate(batches).reshape(-1, 3, 32, 32))
+
+
+def synthetic(split, n=None):
+    """Deterministic 16x16 gray images: a bright rectangle on a horizontal gradient, plus noise."""
+    g = rng(0, 0 if split == "train" else 1)
+    n = n or (2048 if split == "train" else 256)
+    yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    corners = torch.randint(0, 16, (n, 4), generator=g).sort(dim=1).values  # y0 <= y1 and x0 <= x1 after pairing
+    y0, y1, x0, x1 = corners[:, 0], corners[:, 2], corners[:, 1], corners[:, 3]
+    box = (yy >= y0[:, None, None]) & (yy <= y1[:, None, None]) & (xx >= x0[:, None, None]) & (xx <= x1[:, None, None])
+    img = 40 + 8 * xx + 120 * box + torch.randint(0, 16, (n, 16, 16), generator=g)
+    return img.clamp(0, 255).to(torch.uint8)[:, None]
+
+
+DATASETS = {"cifar10": load_cifar10, "mnist": load_mnist, "synthetic": lambda data_dir, split: synthetic(split)}
+IMAGE_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "synthetic": (1, 16, 16)}
+
+
+def load_dataset(name, data_dir, split):
+    if name not in DATASETS:
+        raise DiffEncError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name](data_dir, split)
+
+
+def batch_indices(n, batch_size, step, seed):
+    """Indices of the global batch for `step`: epoch e uses a permutation seeded by (seed, e); the
+    last n mod batch_size images of each epoch are left out of that epoch (training only)."""
+    epoch, k = divmod(step, n // batch_size)
+    perm = torch.randperm(n, generator=rng(seed, epoch, 1))
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def draw_noise(seed, step, n_total, image_shape, offset=0, n=None, purpose=2):
+    """t (n,), eps and eps_0 (n, C, H, W) for samples offset .. offset+n-1 of a batch of n_total:
+    drawn for the whole batch so that every DDP world size sees the same numbers."""
+    n = n_total if n is None else n
+    g = rng(seed, step, purpose)
+    t = low_discrepancy_times(torch.rand(1, generator=g), n_total, offset, n)
+    eps = torch.randn((n_total, *image_shape), generator=g)[offset:offset + n]
+    eps_0 = torch.randn((n_total, *image_shape), generator=g)[offset:offset + n]
+    return t, eps, eps_0
+
+
+# -------------------------------------------------------------------------------------------------
+# 8. Training
+#
+# AdamW (lr 2e-4, betas (0.9, 0.99), eps 1e-8, weight decay 0.01 except on biases), 100-step
+# linear warm-up then constant, no clipping, EMA 0.9999 of the weights for evaluation and
+# sampling [code: config_opt_adamw_0002_no_clip.json, model_handling.py]. The encoder, score
+# network and schedule are one module trained jointly on the bpd.
+# Reproducibility: data order, t, eps and dropout masks are functions of (seed, step), so a run
+# resumed from a checkpoint repeats the uninterrupted run bit for bit (on the same machine).
+# Robustness: checkpoints are written to a temporary file, fsynced and renamed (a kill at any
+# instant leaves the last good one); Ctrl-C and SIGTERM finish the step, save and exit; a
+# non-finite loss stops before it can touch the weights. Data parallel via torchrun: rank r takes
+# its slice of the global batch and of the global noise; DDP averages the gradients.
+# -------------------------------------------------------------------------------------------------
+
+CKPT_FORMAT = 1  # bump when the checkpoint layout changes
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file beside path, fsync, and rename it over path: readers see
+    the old file or the new one, never a part. On failure the temporary file is removed."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(state, path):
+    """Write a checkpoint atomically; on an OS error (disk full, ...) say so and keep the old one."""
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+        return True
+    except OSError as e:
+        print(f"diffenc: could not write {path} ({e.strerror or e}); the previous checkpoint there is intact", file=sys.stderr)
+        return False
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise DiffEncError(f"no checkpoint at {path}; check the path (train with --train first)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+        raise DiffEncError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or corrupt); "
+                           f"use another checkpoint of the run (e.g. best.pt)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise DiffEncError(f"{path} is not a diffenc checkpoint (format {CKPT_FORMAT}); pass a latest.pt or best.pt written by diffenc.py")
+    return ckpt
+
+
+def check_compatible(saved, cfg, path):
+    """A checkpoint can only continue a run whose network and likelihood are the same."""
+    for name in MODEL_FIELDS:
+        if saved[name] != getattr(cfg, name):
+            flag = name.replace("_", "-")
+            raise DiffEncError(f"{path} was trained with --{flag} {saved[name]}, but this run has --{flag} "
+                               f"{getattr(cfg, name)}; use the same value or a new --out")
+
+
+def model_from_checkpoint(ckpt, device, weights="ema"):
+    """Rebuild the model saved in a checkpoint, with its EMA (default) or raw weights, in eval mode."""
+    cfg = Config(**ckpt["config"])
+    model = DiffEnc(cfg, ckpt["image_shape"])
+    model.load_state_dict(ckpt[weights])
+    return model.to(device).eval().requires_grad_(False)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with decoupled weight decay on everything but biases (as the official code) and the
+    noise schedule (deviation: decaying gamma's endpoints would pull gamma_min = -13.3 toward 0)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("bias") or name.startswith("schedule.") else decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    # betas (0.9, 0.99), eps 1e-8: the official optimiser config; fused kernels on CUDA.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def ema_decay(cfg, step):
+    """cfg.ema, warmed up as (1 + step)/(10 + step) so that short runs evaluate trained weights
+    (deviation: the official code uses 0.9999 from step 0; the two agree after ~10^5 steps)."""
+    return min(cfg.ema, (1 + step) / (10 + step))
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_distributed():
+    """(rank, world size, device). torchrun sets WORLD_SIZE; NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device()
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def settle_speed(cfg, device):
+    """The switches that are safe on every device: TF32 matmuls/convs on CUDA. Others are flags."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if (cfg.amp or cfg.compile) and device.type != "cuda":
+        print("diffenc: note: --amp/--compile are meant for CUDA; on this device they may be slower", file=sys.stderr)
+
+
+def prepare_out(cfg):
+    """Create --out, prove it writable, and never let a fresh run overwrite an old run's checkpoint."""
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        atomic_write(os.path.join(cfg.out, ".write-test"), lambda f: f.write(b"ok"))
+        os.remove(os.path.join(cfg.out, ".write-test"))
+    except OSError as e:
+        raise DiffEncError(f"cannot write to --out {cfg.out} ({e.strerror or e}); choose a writable folder") from None
+    latest = os.path.join(cfg.out, "latest.pt")
+    if os.path.exists(latest) and not cfg.resume:
+        raise DiffEncError(f"{cfg.out} already holds a run ({latest}); add --resume to continue it, or choose another --out")
+    if cfg.resume and not os.path.exists(latest):
+        raise DiffEncError(f"--resume: no checkpoint at {latest}; drop --resume to start a new run")
+
+
+def train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world):
+    """One step of AdamW on the bpd. Returns the global-batch mean (diffusion, latent, recon) in
+    bpd, shape (3,); the weights are left untouched when that is not finite."""
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
+    diff, latent, recon = net(x, t, eps, eps_0)
+    terms = torch.stack([diff.mean(), latent.mean(), recon.mean()]) / (math.prod(model.image_shape) * math.log(2))
+    report = terms.detach().clone()
+    if world > 1:
+        dist.all_reduce(report)
+        report /= world
+    if not torch.isfinite(report).all():
+        return report.cpu()
+    opt.zero_grad(set_to_none=True)
+    terms.sum().backward()
+    if cfg.clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    opt.step()
+    update_ema(ema, model, ema_decay(cfg, step))
+    return report.cpu()
+
+
+def train(cfg):
+    validate(cfg)
+    rank, world, device = setup_distributed()
+    settle_speed(cfg, device)
+    if cfg.batch_size % world:
+        raise DiffEncError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes; pick a multiple of {world}")
+    data = load_dataset(cfg.dataset, cfg.data_dir, "train")
+    test = load_dataset(cfg.dataset, cfg.data_dir, "test")
+    if len(data) < cfg.batch_size:
+        raise DiffEncError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images; lower it")
+    if rank == 0:
+        prepare_out(cfg)
+    latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
+    torch.manual_seed(cfg.seed)  # initial weights
+    model = DiffEnc(cfg, data.shape[1:]).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = make_optimizer(model, cfg, device)
+    step, best = 0, math.inf
+    if cfg.resume:
+        ckpt = load_checkpoint(latest)
+        check_compatible(ckpt["config"], cfg, latest)
+        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
+        step, best = ckpt["step"], ckpt["best_bpd"]
+    if cfg.compile:
+        model.score.compile()  # in place: state_dict keys stay the same
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), image_shape=list(model.image_shape),
+                         step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), best_bpd=best)
+    stop = []  # the signal that asked us to stop, if any
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    log = open(os.path.join(cfg.out, "log.csv"), "a") if rank == 0 else None
+    if log is not None and log.tell() == 0:
+        log.write("step,bpd,diffusion,latent,recon,lr\n")
+    B = cfg.batch_size // world
+    window, t0, start_step = torch.zeros(3, dtype=torch.float64), time.time(), step
+    if rank == 0:
+        print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, encoder={cfg.encoder}, param={cfg.param}, "
+              f"schedule={cfg.schedule}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"device={device}, world={world}, from step {step} to {cfg.steps}", flush=True)
+    while step < cfg.steps:
+        x = data[batch_indices(len(data), cfg.batch_size, step, cfg.seed)][rank * B:(rank + 1) * B].to(device)
+        t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, step, cfg.batch_size, model.image_shape, rank * B, B))
+        torch.manual_seed(int(rng(cfg.seed, step, rank, 4).initial_seed()))  # dropout masks
+        report = train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world)
+        if not torch.isfinite(report).all():
+            if cfg.skip_nonfinite:
+                print(f"diffenc: non-finite loss at step {step}; batch skipped (--skip-nonfinite)", file=sys.stderr)
+                step += 1
+                continue
+            raise SystemExit(f"diffenc: non-finite loss ({report.sum().item()}) at step {step}; the last good checkpoint "
+                             f"{latest} is untouched. Lower --lr, set --clip 1, or add --skip-nonfinite, then --resume")
+        step += 1
+        window += report.double()
+        if world > 1:  # every rank stops at the same step when any got a signal
+            flag = torch.tensor([float(bool(stop))], device=device)
+            dist.all_reduce(flag)
+            stop += [signal.SIGTERM] if flag.item() and not stop else []
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            n = (step - 1) % cfg.log_every + 1
+            d, l, r = (window / n).tolist()
+            rate = (step - start_step) / (time.time() - t0)
+            lr = opt.param_groups[0]["lr"]
+            log.write(f"{step},{d + l + r!r},{d!r},{l!r},{r!r},{lr!r}\n"), log.flush()
+            print(f"step {step}/{cfg.steps} | bpd {d + l + r:.4f} (diff {d:.4f} latent {l:.5f} recon {r:.5f}) | "
+                  f"lr {lr:.1e} | {rate:.2f} it/s | ETA {format_seconds((cfg.steps - step) / rate)}", flush=True)
+        if step % cfg.log_every == 0:
+            window.zero_()
+        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            bpd = evaluate(ema, test, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1).mean().item()
+            print(f"step {step} | test bpd {bpd:.4f} (EMA, {cfg.eval_images or len(test)} images)", flush=True)
+            if bpd < best:
+                best = bpd
+                save_checkpoint(state(), best_path)
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or stop):
+            save_checkpoint(state(), latest)
+        if stop:
+            if rank == 0:
+                print(f"diffenc: stopped by {signal.Signals(stop[0]).name} after step {step}; checkpoint {latest}. "
+                      f"Continue with the same command plus --resume", file=sys.stderr)
+            raise SystemExit(128 + stop[0])
+    if log is not None:
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return model, ema
+
+
+def format_seconds(s):
+    s = int(s) if math.isfinite(s) else 0
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# -------------------------------------------------------------------------------------------------
+# 9. Evaluation and benchmark
+#
+# Test BPD is the training estimator (one t, one eps, one eps_0 per image; several on request)
+# with EMA weights and dropout off, over the *whole* test set (the official evaluator drops the
+# last partial batch). The standard error is over images. `per_t` fixes t for every image, which
+# evaluates the diffusion-loss integrand at that t (the paper's per-t comparison of VDM and DiffEnc).
+# -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None):
+    """Per-image (diffusion, latent, recon) in bpd, averaged over `samples` draws: (N, 3) float64."""
+    device = next(model.parameters()).device
+    N = min(n_images or len(data), len(data))
+    rows = []
+    for b0 in range(0, N, batch_size):
+        x = data[b0:min(b0 + batch_size, N)].to(device)
+        acc = torch.zeros(len(x), 3, dtype=torch.float64)
+        for k in range(samples):
+            t, eps, eps_0 = draw_noise(seed, b0, len(x), model.image_shape, purpose=5 + k)
+            t = torch.full_like(t, t_fixed) if t_fixed is not None else t
+            terms = model(x, t.to(device), eps.to(device), eps_0.to(device))
+            acc += torch.stack(terms, 1).double().cpu()
+        rows.append(acc / samples)
+    return torch.cat(rows) / (math.prod(model.image_shape) * math.log(2))
+
+
+def run_eval(ckpt_path, args):
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = Config(**ckpt["config"])
+    data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
+    model = model_from_checkpoint(ckpt, pick_device())
+    bpd = evaluate(model, data, args.batch_size or cfg.batch_size, args.seed or 0, samples=args.eval_samples)
+    total = bpd.sum(1)
+    se = lambda a: (a.std() / math.sqrt(len(a))).item()
+    print(f"test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over {len(total)} images of the "
+          f"{cfg.dataset} test split; EMA weights, step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
+    for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
+        print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
+    return bpd
+
+
+def run_sample(ckpt_path, args):
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, pick_device())
+    T = args.sample_steps or model.cfg.sample_steps
+    x, _ = sample(model, args.n_samples, T, args.seed or 0)
+    path = os.path.join(os.path.dirname(ckpt_path) or ".", f"samples_step{ckpt['step']}.png")
+    write_png(path, image_grid(x, math.ceil(math.sqrt(args.n_samples))))
+    print(f"wrote {args.n_samples} samples ({T} steps) to {path}")
+    return x
+
+
+def peak_memory(device, reset=False):
+    """Peak bytes since the last reset: CUDA's allocator peak, or the process's peak RSS on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.reset_peak_memory_stats(device) if reset else torch.cuda.max_memory_allocated(device)
+    try:  # writing 5 to clear_refs resets VmHWM, the peak resident set size (Linux)
+        if reset:
+            return open("/proc/self/clear_refs", "w").write("5")
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    except OSError:
+        return 0 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(cfg, steps=10, warmup=3, sample_batch=16, sample_steps=5):
+    """Median seconds per training step (forward, backward, AdamW, EMA) and per sampling step for
+    encoder none / fixed / learned, on random data of the data set's shape; same seed and data for
+    all three, so the ratios compare like with like."""
+    device = pick_device()
+    settle_speed(cfg, device)
+    shape = IMAGE_SHAPES[cfg.dataset]
+    x = torch.randint(0, 256, (cfg.batch_size, *shape), generator=rng(cfg.seed, 6)).to(device)
+    t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, 0, cfg.batch_size, shape))
+    print(f"bench: size={cfg.size} dataset={cfg.dataset} {shape} batch={cfg.batch_size} device={device} "
+          f"threads={torch.get_num_threads()} amp={cfg.amp} compile={cfg.compile} torch={torch.__version__}")
+    results = {}
+    for encoder in ("none", "fixed", "learned"):
+        c = dataclasses.replace(cfg, encoder=encoder)
+        torch.manual_seed(c.seed)
+        model = DiffEnc(c, shape).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = make_optimizer(model, c, device)
+        if c.compile:
+            model.score.compile()
+        peak_memory(device, reset=True)
+        times = []
+        for k in range(warmup + steps):
+            sync(device)
+            t0 = time.perf_counter()
+            train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        mem = peak_memory(device)
+        model.eval()
+        sample(model, sample_batch, 1, 0)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        sample(model, sample_batch, sample_steps, 0)
+        sync(device)
+        s_step = (time.perf_counter() - t0) / sample_steps
+        step_s = float(np.median(times[warmup:]))
+        results[encoder] = (step_s, s_step)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  {cfg.batch_size / step_s:8.1f} img/s  "
+              f"peak mem {mem / 2 ** 20:8.0f} MiB  |  sample {s_step:.4f} s/step (batch {sample_batch})")
+    for enc in ("fixed", "learned"):
+        print(f"  ratio {enc}/none: train {results[enc][0] / results['none'][0]:.2f}  sample {results[enc][1] / results['none'][1]:.2f}")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# 10. Command line
+#
+# argparse is generated from Config: every field is a flag (--n-embd, --encoder, ...). The value
+# of a setting is: the Config default, overridden by the --size preset, overridden by the flags
+# given. Modes: --train DATASET | --eval CKPT | --sample CKPT | --bench.
+# -------------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="diffenc.py", description="DiffEnc (arXiv 2310.19789): train, evaluate, sample, benchmark.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--train", metavar="DATASET", help="train on cifar10 | mnist | synthetic")
+    mode.add_argument("--eval", metavar="CKPT", help="print test bits/dim of a checkpoint with its standard error")
+    mode.add_argument("--sample", metavar="CKPT", help="write a PNG grid of samples beside the checkpoint")
+    mode.add_argument("--bench", metavar="DATASET", nargs="?", const="cifar10",
+                      help="time training and sampling steps for encoder none/fixed/learned on images of DATASET's shape (default cifar10)")
+    p.add_argument("--n-samples", type=int, default=64, help="--sample: number of images")
+    p.add_argument("--eval-samples", type=int, default=1, help="--eval: (t, eps) draws per image")
+    for f in dataclasses.fields(Config):
+        if f.name == "dataset":
+            continue  # given by --train
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=None, choices=f.metadata.get("choices"),
+                           help=f"{f.metadata['help']} (default {f.default})")
+    return p
+
+
+def config_from_args(args, dataset):
+    size = args.size or Config.size
+    values = {**PRESETS[size], "size": size, "dataset": dataset}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                   if f.name != "dataset" and getattr(args, f.name) is not None})
+    return Config(**values)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.train:
+            train(config_from_args(args, args.train))
+        elif args.eval:
+            if args.eval_samples <= 0:
+                raise DiffEncError(f"--eval-samples must be positive, got {args.eval_samples}")
+            run_eval(args.eval, args)
+        elif args.sample:
+            if args.n_samples <= 0:
+                raise DiffEncError(f"--n-samples must be positive, got {args.n_samples}")
+            run_sample(args.sample, args)
+        else:
+            cfg = config_from_args(args, args.bench)
+            validate(cfg)
+            if cfg.dataset not in IMAGE_SHAPES:
+                raise DiffEncError(f"unknown data set '{cfg.dataset}'; choose one of {', '.join(IMAGE_SHAPES)}")
+            bench(cfg)
+    except DiffEncError as e:
+        print(f"diffenc: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
