@@ -259,8 +259,8 @@ def encoder_mean(kind, x, gamma, y=None, dy_dgamma=None):
 def timestep_embedding(t_in, dim):
     """Sinusoidal embedding of t_in (B,) -> (B, dim), Transformer/fairseq style [code: time_embedding.py]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t_in.device) / (half - 1))
-    args = t_in[:, None].float() * freqs[None]
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t_in.device, dtype=t_in.dtype) / (half - 1))
+    args = t_in[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 
@@ -456,11 +456,11 @@ def diffusion_loss_continuous(dgamma_dt, alpha, sigma, err, dx_enc, dx_hat):
       = 1/2 gamma'(t) || err + (alpha/sigma)(dx_phi/dlambda - dx_hat/dlambda) ||^2.
 
     err = scaled_error(...); dx_enc = dx_phi/dlambda; dx_hat = sigma^2 x_hat (DiffEnc) or 0 (VDM).
-    dgamma_dt: (B,); alpha, sigma broadcastable to err. Returns (B,).
+    dgamma_dt, alpha, sigma: broadcastable to err (B, ...). Returns (B,).
     With dx_enc = dx_hat = 0 this is VDM's 1/2 gamma' ||eps - eps_hat||^2 = 1/2 gamma' alpha^2 ||v - v_hat||^2.
     """
     r = err + (alpha / sigma) * (dx_enc - dx_hat)  # (alpha/sigma) * residual of "x + dx/dlambda"
-    return 0.5 * dgamma_dt * sum_dims(r.square())
+    return sum_dims(0.5 * dgamma_dt * r.square())
 
 
 def diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat, euler):
@@ -478,7 +478,7 @@ def diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_
     if euler:
         increment = increment - (gamma_t - gamma_s) * sigma_t ** 2 * x_hat  # lambda_s - lambda_t = gamma_t - gamma_s
     r = err + (alpha_t / sigma_t) * increment / kappa
-    return 0.5 * torch.expm1(gamma_t - gamma_s) * sum_dims(r.square())
+    return sum_dims(0.5 * torch.expm1(gamma_t - gamma_s) * r.square())
 
 
 def q_reverse(z_t, x_enc_s, x_enc_t, gamma_s, gamma_t):
@@ -536,7 +536,7 @@ PIXEL_GRID = 2 * (torch.arange(256) + 0.5) / 256 - 1  # the 256 values a scaled 
 
 def scale_pixels(x_int):
     """{0..255} -> centres of 256 bins in (-1, 1): x = 2(x_int + 0.5)/256 - 1 [code: encode_decode/util.py]."""
-    return 2 * (x_int.float() + 0.5) / 256 - 1
+    return 2 * (x_int.to(torch.get_default_dtype()) + 0.5) / 256 - 1
 
 
 def recon_loss(x_int, x_enc_0, gamma_0, eps_0):
@@ -639,7 +639,7 @@ class DiffEnc(nn.Module):
         x_hat = predict_x(out, z_t, alpha, sigma, self.cfg.param)
         dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)        # model of dx_phi/dlambda
         err = scaled_error(out, eps, x_enc, alpha, sigma, self.cfg.param)
-        return diffusion_loss_continuous(dgamma_dt, alpha, sigma, err, dx_enc, dx_hat)
+        return diffusion_loss_continuous(dgamma_dt[:, None, None, None], alpha, sigma, err, dx_enc, dx_hat)
 
     def _discrete(self, x, t, eps, euler):
         T, B = self.cfg.T, x.shape[0]

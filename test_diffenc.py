@@ -1,0 +1,694 @@
+"""The DiffEnc paper's claims, checked by numbers, plus the invariants of every component.
+
+Each test's name states a claim and its docstring says where it comes from and why its
+tolerance is what it is. Every test calls the functions of diffenc.py; none compares the code
+with a copy of the same formula.
+
+Run: pytest -q                                   (quick hypothesis profile, < 3 min on 2 cores)
+     HYPOTHESIS_PROFILE=thorough pytest -q       (10x more examples per property)
+
+The linear-Gaussian toy (used for the convergence and variance claims). Per dimension
+x ~ N(m, s^2); encoder y = A(lambda) x + B(lambda) (smooth, non-trivial); model
+x_hat = C(t) z + E(t), slightly off the Bayes-optimal linear estimator. Every quantity is then
+linear in (x, eps), every loss quadratic, so its expectation over x and eps is *exactly* the
+average over the four "sigma points" x = m +- s, eps = +-1 (they match the mean and covariance
+of (x, eps)). No sampling noise: the tests are deterministic.
+"""
+
+import gzip
+import io
+import math
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import diffenc as de
+
+settings.register_profile("quick", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+torch.set_default_dtype(torch.float64)  # the theory is checked in float64; the model code is dtype-agnostic
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEDULE = de.NoiseSchedule("fixed", -13.3, 5.0)  # the paper's default schedule
+
+# ----------------------------------------------------------------------------- the toy
+
+
+M, S = 0.3, 0.5  # data mean and std per dimension
+SIGMA_X = torch.tensor([M - S, M - S, M + S, M + S])[:, None]  # (4, 1): x sigma points
+SIGMA_EPS = torch.tensor([-1.0, 1.0, -1.0, 1.0])[:, None]        # (4, 1): eps sigma points
+
+
+def toy_y(x, gamma):
+    """The toy's inner encoder y(x, lambda) = A(lambda) x + B(lambda), lambda = -gamma."""
+    lam = -gamma
+    return (0.5 + 0.3 * torch.tanh(lam / 4)) * x + 0.1 * torch.sin(lam / 3)
+
+
+def toy_encode(x, gamma, derivative=True):
+    """x_phi and dx_phi/dlambda of the toy through diffenc.encoder_mean; dy/dgamma by jvp."""
+    y, dy = torch.func.jvp(lambda g: toy_y(x, g), (gamma,), (torch.ones_like(gamma),))
+    return de.encoder_mean("learned", x, gamma, y, dy if derivative else None)
+
+
+def toy_x_hat(z, t, gamma):
+    """x_hat = C z + E: the Bayes-optimal linear estimator of x_phi from z, with C detuned by 2%."""
+    alpha, sigma = de.alpha_sigma(gamma)
+    a = torch.sigmoid(-gamma) + torch.sigmoid(gamma) * (0.5 + 0.3 * torch.tanh(-gamma / 4))  # x_phi = a x + b
+    b = torch.sigmoid(gamma) * 0.1 * torch.sin(-gamma / 3)
+    mu, var = a * M + b, (a * S) ** 2
+    g = alpha * var / (alpha ** 2 * var + sigma ** 2)
+    return g * (1 + 0.02 * torch.sin(5 * t)) * z + mu - g * alpha * mu
+
+
+def sigma_points(t):
+    """Broadcast sigma points against times t (N,): x, eps (N, 4, 1) and t, gamma (N, 1, 1)."""
+    t = t[:, None, None]
+    return SIGMA_X.expand(len(t), 4, 1), SIGMA_EPS.expand(len(t), 4, 1), t, SCHEDULE(t.flatten()).view(-1, 1, 1)
+
+
+def flat(*tensors):
+    return [a.reshape(-1, 1) for a in tensors]
+
+
+def toy_integrand(t):
+    """E_{x, eps}[continuous diffusion-loss integrand] at times t (N,), per dimension: (N,)."""
+    x, eps, tt, gamma = sigma_points(t)
+    _, dgamma_dt = torch.func.jvp(SCHEDULE, (tt.flatten(),), (torch.ones(len(t)),))
+    alpha, sigma = de.alpha_sigma(gamma)
+    x_enc, dx_enc = toy_encode(x, gamma)
+    z = alpha * x_enc + sigma * eps
+    x_hat = toy_x_hat(z, tt, gamma)
+    v_hat = (alpha * z - x_hat) / sigma  # the v-prediction that gives this x_hat
+    err = de.scaled_error(v_hat, eps, x_enc, alpha, sigma, "v")
+    per_point = de.diffusion_loss_continuous(*flat(dgamma_dt.view(-1, 1, 1).expand_as(x), alpha.expand_as(x), sigma.expand_as(x), err, dx_enc, sigma ** 2 * x_hat))
+    return per_point.view(len(t), 4).mean(1)
+
+
+def toy_L_inf(panels=400, order=16):
+    """L_inf = int_0^1 E[integrand] dt by composite Gauss-Legendre (exact to ~1e-12 for this smooth integrand)."""
+    nodes, weights = np.polynomial.legendre.leggauss(order)
+    edges = np.linspace(0, 1, panels + 1)
+    t = ((edges[:-1, None] + edges[1:, None]) / 2 + (edges[1:, None] - edges[:-1, None]) / 2 * nodes).ravel()
+    w = ((edges[1:, None] - edges[:-1, None]) / 2 * weights).ravel()
+    return float((toy_integrand(torch.tensor(t)) * torch.tensor(w)).sum())
+
+
+def toy_steps(T):
+    """Per-step tensors of the T-step toy chain at the sigma points, each (T, 4, 1), for steps i = 1..T."""
+    i = torch.arange(1, T + 1, dtype=torch.float64)
+    x, eps, t, gamma_t = sigma_points(i / T)
+    gamma_s = SCHEDULE(((i - 1) / T)).view(-1, 1, 1)
+    alpha_t, sigma_t = de.alpha_sigma(gamma_t)
+    x_enc_t, _ = toy_encode(x, gamma_t, derivative=False)
+    x_enc_s, _ = toy_encode(x, gamma_s, derivative=False)
+    z_t = alpha_t * x_enc_t + sigma_t * eps
+    x_hat = toy_x_hat(z_t, t, gamma_t)
+    return dict(x=x, eps=eps, gamma_s=gamma_s, gamma_t=gamma_t, alpha_t=alpha_t, sigma_t=sigma_t,
+                x_enc_s=x_enc_s, x_enc_t=x_enc_t, z_t=z_t, x_hat=x_hat)
+
+
+def toy_step_kls(T, euler=True):
+    """E[KL_i] for i = 1..T from diffenc.diffusion_loss_discrete: (T,)."""
+    p = toy_steps(T)
+    v_hat = (p["alpha_t"] * p["z_t"] - p["x_hat"]) / p["sigma_t"]
+    err = de.scaled_error(v_hat, p["eps"], p["x_enc_t"], p["alpha_t"], p["sigma_t"], "v")
+    full = lambda a: a.expand_as(p["x"])
+    kl = de.diffusion_loss_discrete(*flat(full(p["gamma_s"]), full(p["gamma_t"]), full(p["alpha_t"]), full(p["sigma_t"]),
+                                          err, p["x_enc_s"], p["x_enc_t"], p["x_hat"]), euler)
+    return kl.view(T, 4).mean(1)
+
+
+def toy_mean_gaps(T):
+    """mu_Q - mu_P (T, 4, 1) and sigma_Q^2 (T, 1, 1) from diffenc.q_reverse / p_reverse."""
+    p = toy_steps(T)
+    mu_q, var_q = de.q_reverse(p["z_t"], p["x_enc_s"], p["x_enc_t"], p["gamma_s"], p["gamma_t"])
+    mu_p, var_p = de.p_reverse(p["z_t"], p["x_hat"], p["gamma_s"], p["gamma_t"], euler=True)
+    assert torch.equal(var_p, var_q)
+    return mu_q - mu_p, var_q
+
+
+@pytest.fixture(scope="module")
+def L_inf():
+    return toy_L_inf()
+
+
+# ----------------------------------------------------------------------------- 1. discrete -> continuous
+
+
+def test_discrete_loss_converges_to_continuous_at_first_order(L_inf):
+    """[DiffEnc: diffusion loss] The T-step loss L_T tends to the continuous-time loss L_inf at first
+    order, from above: L_T = L_inf + c/T + O(1/T^2), so (L_T - L_inf)/(L_2T - L_inf) -> 2.
+
+    Exact expectations (toy); the ratio's deviation from 2 is O(1/T) with a constant below 10 here
+    (second-order term), hence [1.9, 2.1] for T >= 1000 and a tightening between consecutive ratios.
+    """
+    L = {T: float(toy_step_kls(T).sum()) for T in (1000, 2000, 4000, 8000)}
+    gaps = [L[T] - L_inf for T in sorted(L)]
+    assert all(g > 0 for g in gaps), "L_T must approach L_inf from above"
+    ratios = [a / b for a, b in zip(gaps, gaps[1:])]
+    print(f"\nL_inf = {L_inf:.6f}; L_T = {L}; ratios = {ratios}")
+    assert all(1.9 < r < 2.1 for r in ratios)
+    assert abs(ratios[-1] - 2) < abs(ratios[0] - 2), "the ratio must approach 2 as T grows"
+
+
+def test_discrete_and_continuous_loss_agree_with_real_networks_as_T_grows():
+    """[DiffEnc: diffusion loss] Monte-Carlo version with the real U-Nets: with common random numbers
+    (the same x and eps for every step and for the integral), |L_T - L_inf| shrinks as T grows.
+
+    L_inf is a 2048-point Gauss-Legendre integral of DiffEnc._continuous over t at fixed eps;
+    L_T the exact sum over all T steps of DiffEnc._discrete. The networks get random non-zero
+    output layers so that y, dy/dgamma and v_hat - z are all non-trivial. First order predicts a 4x
+    smaller gap per 4x larger T; we require 2x per step, because both networks embed time as
+    sin(1000 t * f) with f up to 1 (period 0.006 in t), which the sum resolves only for T >~ 1000."""
+    cfg = de.Config(n_embd=8, n_layer=1, enc_ch=8, enc_levels=1, dropout=0.0, enc_dropout=0.0)
+    torch.manual_seed(0)
+    model = de.DiffEnc(cfg, (1, 4, 4)).eval()
+    for conv in (model.score.conv_out, model.enc.conv_out):
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    x = de.scale_pixels(torch.randint(0, 256, (2, 1, 4, 4)))
+    eps = torch.randn(2, 1, 4, 4)
+
+    def batched(fn, ts):  # evaluate fn for every t in ts on the same (x, eps); -> (len(ts), 2)
+        n = len(ts)
+        return fn(x.repeat(n, 1, 1, 1), ts.repeat_interleave(2), eps.repeat(n, 1, 1, 1)).view(n, 2)
+
+    nodes, weights = np.polynomial.legendre.leggauss(2048)
+    ts = torch.tensor((nodes + 1) / 2)
+    with torch.no_grad():
+        def cont(xb, tb, eb):
+            gamma, dgamma = torch.func.jvp(model.schedule, (tb,), (torch.ones_like(tb),))
+            return model._continuous(xb, gamma, dgamma, eb, euler=True)
+        L_inf = (batched(cont, ts) * torch.tensor(weights / 2)[:, None]).sum(0)
+        gaps = []
+        for T in (32, 128, 512, 2048):
+            model.cfg.T = T
+            step_t = (torch.arange(1, T + 1) - 0.5) / T  # any t in ((i-1)/T, i/T] selects step i
+            L_T = batched(lambda xb, tb, eb: model._discrete(xb, tb, eb, euler=True), step_t).mean(0)  # (1/T) sum_i T KL_i
+            gaps.append((L_T - L_inf).abs().max().item())
+    print(f"\n|L_T - L_inf| for T = 32, 128, 512, 2048: {gaps}")
+    assert all(a > 2 * b for a, b in zip(gaps, gaps[1:]))
+
+
+def test_discrete_loss_equals_kl_between_reverse_processes():
+    """[DiffEnc: reverse process] diffusion_loss_discrete (the float32-stable closed form) equals
+    ||mu_Q - mu_P||^2 / (2 sigma_Q^2) built from q_reverse and p_reverse, step by step (float64,
+    relative 1e-9: the two differ only in rounding)."""
+    for T in (10, 300):
+        gap, var_q = toy_mean_gaps(T)
+        direct = (gap ** 2 / (2 * var_q)).mean(dim=(1, 2))
+        assert torch.allclose(toy_step_kls(T), direct, rtol=1e-9, atol=0)
+
+
+# ----------------------------------------------------------------------------- 2. optimal generative variance
+
+
+def golden_min(f, lo, hi, iters=200):
+    """Minimise a unimodal f on [lo, hi] by golden-section search (a generic numerical minimiser)."""
+    r = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    for _ in range(iters):
+        c, d = b - r * (b - a), a + r * (b - a)
+        a, b = (a, d) if f(c) < f(d) else (c, b)
+    return (a + b) / 2
+
+
+@given(var_q=st.floats(1e-4, 10.0), d=st.integers(1, 64), scale=st.floats(1e-3, 3.0), seed=st.integers(0, 2 ** 16))
+def test_optimal_sigma_p2_minimises_the_expected_step_kl(var_q, d, scale, seed):
+    """[DiffEnc: variance ratio] For a finite step, the sigma_P^2 minimising E KL(N(mu_Q, sigma_Q^2 I)
+    || N(mu_P, sigma_P^2 I)) is sigma_Q^2 + E||mu_Q - mu_P||^2 / d. The expected KL is built from
+    diffenc.gaussian_kl over 8 random mean gaps and minimised numerically over log sigma_P^2;
+    tolerance 1e-6 relative is what 200 golden-section steps in double precision reach."""
+    gaps = torch.randn(8, d, generator=torch.Generator().manual_seed(seed)) * scale  # mu_Q - mu_P samples
+    vq = torch.tensor(var_q)
+    expected_kl = lambda log_vp: de.gaussian_kl(gaps, vq, torch.zeros(()), torch.exp(torch.tensor(log_vp))).sum(1).mean().item()
+    numeric = math.exp(golden_min(expected_kl, math.log(var_q) - 5, math.log(var_q + 10 * scale ** 2) + 5))
+    formula = de.optimal_sigma_p2(vq, gaps.pow(2).sum(1).mean() / d).item()
+    assert formula == pytest.approx(numeric, rel=1e-6)
+
+
+@given(A=st.floats(1e-6, 1e3), d=st.integers(1, 4096))
+def test_optimal_weight_and_its_kl(A, d):
+    """[DiffEnc: variance ratio] Minimising KL(w) = d/2 (w - 1 - log w) + w A (weighted_step_kl) over w
+    gives w* = d / (d + 2A) and the value d/2 log(1 + 2A/d) <= A: the optimal variance never does
+    worse than sigma_P = sigma_Q. Tolerance as above (numerical minimiser)."""
+    kl = lambda log_w: de.weighted_step_kl(torch.tensor(A), torch.exp(torch.tensor(log_w)), d).item()
+    w_num = math.exp(golden_min(kl, -20.0, 1.0))
+    assert w_num == pytest.approx(d / (d + 2 * A), rel=1e-6)
+    assert kl(math.log(w_num)) == pytest.approx(d / 2 * math.log1p(2 * A / d), rel=1e-6, abs=1e-12)
+    assert kl(math.log(w_num)) <= A * (1 + 1e-12)
+
+
+def test_optimal_variance_ratio_tends_to_one_at_rate_one_over_T():
+    """[DiffEnc: variance ratio] In the toy, sigma_P*^2 / sigma_Q^2 = 1 + E(mu_Q - mu_P)^2 / sigma_Q^2 -> 1
+    uniformly over the steps, at rate 1/T: max_i |ratio - 1| halves when T doubles (within 5%:
+    the O(1/T^2) remainder is below 1% of the leading term at T >= 1000), and the optimal-variance
+    loss lies below L_T and approaches it."""
+    worst, gain = {}, {}
+    for T in (1000, 2000, 4000):
+        gap, var_q = toy_mean_gaps(T)
+        var_p = de.optimal_sigma_p2(var_q, gap.pow(2).mean(dim=(1, 2), keepdim=True))  # d = 1 per dimension
+        worst[T] = (var_p / var_q - 1).abs().max().item()
+        A = (gap.pow(2) / (2 * var_q)).mean(dim=(1, 2))                             # E KL_i at w = 1
+        w = (var_q / var_p).flatten()
+        gain[T] = (A - de.weighted_step_kl(A, w, 1)).sum().item()                  # L_T(w=1) - L_T(w*)
+    print(f"\nmax |sigma_P*^2/sigma_Q^2 - 1|: {worst}; L_T - L_T(optimal): {gain}")
+    for T in (1000, 2000):
+        assert worst[T] / worst[2 * T] == pytest.approx(2, rel=0.05)
+        assert gain[T] > gain[2 * T] > 0
+
+
+# ----------------------------------------------------------------------------- 3. a fixed ratio != 1 diverges
+
+
+@given(w=st.floats(0.5, 2.0).filter(lambda w: abs(w - 1) > 1e-3), T=st.sampled_from([10, 100, 1000]))
+def test_fixed_variance_ratio_adds_a_term_linear_in_T(w, T):
+    """[DiffEnc: variance ratio] With sigma_P^2 = sigma_Q^2 / w for every step, the diffusion loss
+    is exactly w L_T + T d/2 (w - 1 - log w). The left side is summed from diffenc.gaussian_kl of
+    the toy's reverse processes, the right from diffusion_loss_discrete (relative 1e-9: rounding)."""
+    gap, var_q = toy_mean_gaps(T)
+    w_t = torch.tensor(w)
+    weighted = de.gaussian_kl(gap, var_q, torch.zeros(()), var_q / w_t).mean(dim=(1, 2)).sum()
+    L_T = toy_step_kls(T).sum()
+    assert weighted.item() == pytest.approx((w * L_T + T / 2 * (w_t - 1 - torch.log(w_t))).item(), rel=1e-9)
+
+
+def test_only_ratio_one_keeps_the_elbo_bounded_as_T_grows(L_inf):
+    """[DiffEnc: variance ratio] For w = 0.9 and 1.1 the loss grows without bound (linearly in T:
+    doubling T from 10^4 nearly doubles it), while for w = 1 it stays within 1% of L_inf."""
+    for w in (0.9, 1.1):
+        w_t = torch.tensor(w)
+        loss = {T: (w * toy_step_kls(T).sum() + T / 2 * (w_t - 1 - torch.log(w_t))).item() for T in (10_000, 20_000)}
+        assert loss[20_000] > 1.8 * loss[10_000] - 0.8 * L_inf  # slope d/2 (w - 1 - log w) dominates
+    assert toy_step_kls(20_000).sum().item() == pytest.approx(L_inf, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- 4. ELBO chain rule
+
+
+def gaussian_chain(first_mean, first_var, steps):
+    """Joint mean and covariance of z_T, z_{T-1}, ..., z_0 for z_T ~ N(first_mean, first_var) and
+    z_{k-1} = a_k z_k + b_k + N(0, v_k), steps = [(a_k, b_k, v_k)] in that order."""
+    n = len(steps) + 1
+    mean, cov = torch.zeros(n), torch.zeros(n, n)
+    mean[0], cov[0, 0] = first_mean, first_var
+    for k, (a, b, v) in enumerate(steps, start=1):
+        mean[k] = a * mean[k - 1] + b
+        cov[k, :k] = a * cov[k - 1, :k]
+        cov[:k, k] = cov[k, :k]
+        cov[k, k] = a * a * cov[k - 1, k - 1] + v
+    return mean, cov
+
+
+def linear_coefficients(fn):
+    """(slope, intercept) of a function that is affine in its scalar argument."""
+    at0, at1 = fn(torch.tensor(0.0)), fn(torch.tensor(1.0))
+    return at1 - at0, at0
+
+
+@pytest.mark.parametrize("T, w", [(5, 1.0), (20, 1.0), (20, 0.8)])
+def test_elbo_is_prior_kl_plus_sum_of_step_kls(T, w):
+    """[DiffEnc: ELBO] KL(q(z_0..z_1 | x) || p(z_0..z_1)) between the joint Gaussians of a 1-D chain,
+    computed from covariance matrices, equals KL(q(z_1|x) || p(z_1)) + sum_i E_q(z_t|x) KL_i, the
+    per-step KLs from diffenc.q_reverse / p_reverse / gaussian_kl (relative 1e-8: conditioning of
+    the 21x21 covariances). Model x_hat = 0.8 alpha_t z + 0.1 cos 2t, sigma_P^2 = sigma_Q^2 / w."""
+    x = torch.tensor([0.37])
+    t = torch.linspace(1, 0, T + 1)                                      # t_T = 1, ..., t_0 = 0
+    gammas = SCHEDULE(t)
+    x_encs = [toy_encode(x, g.view(1), derivative=False)[0][0] for g in gammas]
+    alpha_1, sigma_1 = de.alpha_sigma(gammas[0])
+    q_steps, p_steps, step_kls = [], [], 0.0
+    for k in range(1, T + 1):
+        g_t, g_s = gammas[k - 1], gammas[k]
+        x_hat = lambda z: 0.8 * de.alpha_sigma(g_t)[0] * z + 0.1 * torch.cos(2 * t[k - 1])
+        a_q, b_q = linear_coefficients(lambda z: de.q_reverse(z, x_encs[k], x_encs[k - 1], g_s, g_t)[0])
+        a_p, b_p = linear_coefficients(lambda z: de.p_reverse(z, x_hat(z), g_s, g_t, euler=True)[0])
+        var_q = de.q_reverse(torch.tensor(0.0), x_encs[k], x_encs[k - 1], g_s, g_t)[1]
+        q_steps.append((a_q, b_q, var_q))
+        p_steps.append((a_p, b_p, var_q / w))
+        alpha_t, sigma_t = de.alpha_sigma(g_t)
+        for e in (-1.0, 1.0):  # E over z_t ~ N(alpha_t x_t, sigma_t^2): KL_i is quadratic in z_t
+            z = alpha_t * x_encs[k - 1] + sigma_t * e
+            mu_q, v_q = de.q_reverse(z, x_encs[k], x_encs[k - 1], g_s, g_t)
+            mu_p, v_p = de.p_reverse(z, x_hat(z), g_s, g_t, euler=True)
+            step_kls += de.gaussian_kl(mu_q, v_q, mu_p, v_p / w) / 2
+    mq, cq = gaussian_chain(alpha_1 * x_encs[0], sigma_1 ** 2, q_steps)
+    mp, cp = gaussian_chain(torch.tensor(0.0), torch.tensor(1.0), p_steps)
+    cp_inv = torch.linalg.inv(cp)
+    joint = 0.5 * (torch.trace(cp_inv @ cq) + (mp - mq) @ cp_inv @ (mp - mq) - (T + 1) + torch.logdet(cp) - torch.logdet(cq))
+    prior = de.gaussian_kl(alpha_1 * x_encs[0], sigma_1 ** 2, torch.tensor(0.0), torch.tensor(1.0))
+    assert joint.item() == pytest.approx((prior + step_kls).item(), rel=1e-8)
+
+
+# ----------------------------------------------------------------------------- 5. reverse encoder
+
+
+@given(g_s=st.floats(-13.3, 4.9), dg=st.floats(1e-3, 10.0), x_s=st.floats(-1, 1), x_t=st.floats(-1, 1))
+def test_reverse_encoder_reproduces_the_marginals(g_s, dg, x_s, x_t):
+    """[DiffEnc: reverse process] z_t ~ N(alpha_t x_phi(t), sigma_t^2) pushed through q(z_s|z_t, x)
+    has mean alpha_s x_phi(s) and variance sigma_s^2, for any two encoder outputs (1e-12: rounding)."""
+    g_s, g_t = torch.tensor(g_s), torch.tensor(g_s + dg)
+    xs, xt = torch.tensor(x_s), torch.tensor(x_t)
+    (alpha_s, sigma_s), (alpha_t, sigma_t) = de.alpha_sigma(g_s), de.alpha_sigma(g_t)
+    slope, intercept = linear_coefficients(lambda z: de.q_reverse(z, xs, xt, g_s, g_t)[0])
+    var_q = de.q_reverse(torch.tensor(0.0), xs, xt, g_s, g_t)[1]
+    assert (slope * alpha_t * xt + intercept).item() == pytest.approx((alpha_s * xs).item(), abs=1e-12)
+    assert (slope ** 2 * sigma_t ** 2 + var_q).item() == pytest.approx((sigma_s ** 2).item(), rel=1e-12)
+
+
+def test_reverse_encoder_marginals_hold_along_a_whole_chain():
+    """[DiffEnc: reverse process] Running the 40-step reverse encoder from q(z_1|x) with the toy
+    encoder keeps every marginal N(alpha_t x_phi(t), sigma_t^2) (1e-12: accumulated rounding)."""
+    x = torch.tensor([0.37])
+    t = torch.linspace(1, 0, 41)
+    gammas = SCHEDULE(t)
+    x_encs = [toy_encode(x, g.view(1), derivative=False)[0][0] for g in gammas]
+    alpha_1, sigma_1 = de.alpha_sigma(gammas[0])
+    mean, var = alpha_1 * x_encs[0], sigma_1 ** 2
+    for k in range(1, 41):
+        slope, intercept = linear_coefficients(lambda z: de.q_reverse(z, x_encs[k], x_encs[k - 1], gammas[k], gammas[k - 1])[0])
+        var_q = de.q_reverse(torch.tensor(0.0), x_encs[k], x_encs[k - 1], gammas[k], gammas[k - 1])[1]
+        mean, var = slope * mean + intercept, slope ** 2 * var + var_q
+        alpha, sigma = de.alpha_sigma(gammas[k])
+        assert mean.item() == pytest.approx((alpha * x_encs[k]).item(), abs=1e-12)
+        assert var.item() == pytest.approx((sigma ** 2).item(), rel=1e-12, abs=1e-15)
+
+
+# ----------------------------------------------------------------------------- 6. loss algebra (sympy)
+
+
+def test_step_kl_tends_to_the_continuous_integrand_symbolically():
+    """[DiffEnc: diffusion loss] sympy: with mu_Q, mu_P, sigma_Q as defined in diffenc's section 4,
+    (i) ||mu_Q - mu_P||^2 / (2 sigma_Q^2) = 1/2 (SNR_s - SNR_t) ||x_t - x_hat + [(x_s - x_t) -
+    (lambda_s - lambda_t) sigma_t^2 x_hat] / kappa||^2 exactly, and (ii) to first order in the step
+    h = lambda_s - lambda_t the bracket / kappa -> dx_phi/dlambda - sigma_t^2 x_hat, so KL_i ->
+    1/2 (SNR_s - SNR_t) ||x_phi + dx_phi/dlambda - (1 + sigma_t^2) x_hat||^2."""
+    lam, h, z, xh = sp.symbols("lambda h z x_hat", real=True)
+    f = sp.Function("x_phi")
+    sig2 = lambda l: 1 / (1 + sp.exp(l))  # sigma^2 = sigmoid(gamma) = sigmoid(-lambda)
+    alp = lambda l: sp.sqrt(1 - sig2(l))
+    snr = lambda l: sp.exp(l)
+    lam_s = lam + h
+    kappa = 1 - snr(lam) / snr(lam_s)
+    coef = alp(lam_s) / alp(lam) * snr(lam) / snr(lam_s)
+    mu_q = coef * z + alp(lam_s) * kappa * f(lam) + alp(lam_s) * (f(lam_s) - f(lam))
+    mu_p = coef * z + alp(lam_s) * kappa * xh + alp(lam_s) * h * sig2(lam) * xh
+    var_q = kappa * sig2(lam_s)
+    bracket = f(lam) - xh + ((f(lam_s) - f(lam)) - h * sig2(lam) * xh) / kappa
+    closed = sp.Rational(1, 2) * (snr(lam_s) - snr(lam)) * bracket ** 2
+    assert sp.simplify((mu_q - mu_p) ** 2 / (2 * var_q) - closed) == 0
+    limit = sp.series(bracket, h, 0, 1).removeO().doit()
+    assert sp.simplify(limit - (f(lam) + sp.diff(f(lam), lam) - (1 + sig2(lam)) * xh)) == 0
+
+
+def test_v_form_and_x_form_of_the_continuous_loss_agree_symbolically():
+    """[DiffEnc: diffusion loss; code: sigma3_v_approx_model.py] sympy: for x_phi = alpha^2 x +
+    sigma^2 y(gamma), the official code's v-form 1/2 gamma' alpha^2 ||(1 + sigma^2)(v - v_hat) +
+    sigma (y + dy/dgamma)||^2 equals the x-form 1/2 gamma' SNR ||x_phi + dx_phi/dlambda - (1 +
+    sigma^2) x_hat||^2, with z = alpha x_phi + sigma eps, v = alpha eps - sigma x_phi, x_hat =
+    alpha z - sigma v_hat. Written in alpha, sigma with d(sigma^2)/dgamma = alpha^2 sigma^2 and
+    alpha^2 = 1 - sigma^2 (the variance-preserving constraint) so that sympy simplifies it fast."""
+    a, s = sp.symbols("alpha sigma", positive=True)
+    x, eps, vh, y, dy = sp.symbols("x epsilon v_hat y dy_dgamma", real=True)
+    x_phi = a ** 2 * x + s ** 2 * y
+    dx_dlam = -(-a ** 2 * s ** 2 * x + a ** 2 * s ** 2 * y + s ** 2 * dy)  # -d/dgamma of x_phi
+    z = a * x_phi + s * eps
+    v = a * eps - s * x_phi
+    x_hat = a * z - s * vh
+    v_form = a ** 2 * ((1 + s ** 2) * (v - vh) + s * (y + dy)) ** 2
+    x_form = a ** 2 / s ** 2 * (x_phi + dx_dlam - (1 + s ** 2) * x_hat) ** 2   # SNR = alpha^2 / sigma^2
+    assert sp.simplify(sp.expand(v_form - x_form).subs(a, sp.sqrt(1 - s ** 2))) == 0
+
+
+@given(seed=st.integers(0, 2 ** 16), gamma=st.floats(-13.3, 5.0), param=st.sampled_from(["v", "eps"]))
+def test_continuous_loss_equals_the_official_v_form(seed, gamma, param):
+    """[code: sigma3_v_approx_model.py] diffenc.diffusion_loss_continuous, fed by encoder_mean,
+    predict_x and scaled_error, equals the official code's v-form 1/2 gamma' alpha^2 ||v - v_hat +
+    sigma (x_hat - x_phi + y + dy/dgamma)||^2 for the learned encoder, with either
+    parameterisation (relative 1e-8: float64 rounding amplified by SNR up to 6e5)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y, dy, eps, out = (torch.rand(3, 5, generator=gen) * 2 - 1 for _ in range(5))
+    g = torch.full((3, 1), gamma)
+    alpha, sigma = de.alpha_sigma(g)
+    x_enc, dx_enc = de.encoder_mean("learned", x, g, y, dy)
+    z = alpha * x_enc + sigma * eps
+    x_hat = de.predict_x(out, z, alpha, sigma, param)
+    err = de.scaled_error(out, eps, x_enc, alpha, sigma, param)
+    ours = de.diffusion_loss_continuous(18.3, alpha, sigma, err, dx_enc, sigma ** 2 * x_hat)
+    v, v_hat = alpha * eps - sigma * x_enc, alpha * z - x_hat / 1  # v_hat from x_hat: x_hat = alpha z - sigma v_hat
+    v_hat = (alpha * z - x_hat) / sigma
+    official = 0.5 * 18.3 * (alpha ** 2 * (v - v_hat + sigma * (x_hat - x_enc + y + dy)) ** 2).sum(1)
+    assert torch.allclose(ours, official, rtol=1e-8, atol=1e-12)
+
+
+@given(seed=st.integers(0, 2 ** 16), gamma=st.floats(-13.3, 5.0))
+def test_plain_vdm_loss_is_the_same_in_eps_and_v_form(seed, gamma):
+    """[VDM] For encoder `none`, the continuous loss is 1/2 gamma' ||eps - eps_hat||^2 with an
+    eps-network and 1/2 gamma' alpha^2 ||v - v_hat||^2 with a v-network, and the two agree when
+    both networks imply the same x_hat (relative 1e-9: rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, eps, eps_hat = (torch.rand(2, 6, generator=gen) * 2 - 1 for _ in range(3))
+    g = torch.full((2, 1), gamma)
+    alpha, sigma = de.alpha_sigma(g)
+    x_enc, dx_enc = de.encoder_mean("none", x, g)
+    z = alpha * x_enc + sigma * eps
+    v_hat = alpha * eps_hat - sigma * de.predict_x(eps_hat, z, alpha, sigma, "eps")  # same x_hat, v-space
+    losses = {}
+    for param, out in (("eps", eps_hat), ("v", v_hat)):
+        err = de.scaled_error(out, eps, x_enc, alpha, sigma, param)
+        losses[param] = de.diffusion_loss_continuous(2.0, alpha, sigma, err, dx_enc, torch.zeros_like(x))
+    assert torch.allclose(losses["eps"], (eps - eps_hat).pow(2).sum(1), rtol=1e-9)  # 1/2 * gamma' (= 2) * ||.||^2
+    assert torch.allclose(losses["v"], losses["eps"], rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- 7. encoder derivative
+
+
+def small_model(encoder="learned", image=(1, 8, 8), **kw):
+    """A small DiffEnc whose encoder's zero-initialised layers (time projections, output conv) get
+    random weights, so that y and dy/dgamma are far from trivial."""
+    cfg = de.Config(**{**dict(encoder=encoder, n_embd=8, n_layer=1, enc_ch=8, enc_levels=1, dropout=0.0, enc_dropout=0.0), **kw})
+    torch.manual_seed(0)
+    model = de.DiffEnc(cfg, image)
+    for m in (model.enc.modules() if model.enc is not None else ()):
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.3)
+    return model
+
+
+def test_encoder_derivative_matches_central_differences_and_is_per_sample():
+    """[DiffEnc: encoder] dx_phi/dlambda from the single jvp equals the central difference
+    -(x_phi(gamma + h) - x_phi(gamma - h)) / 2h (h = 1e-5; float64; relative error ~h^2 ~ 1e-10,
+    allowed 1e-6), and the jvp is per sample: moving one sample's gamma changes only its row."""
+    model = small_model().eval()
+    x = de.scale_pixels(torch.randint(0, 256, (3, 1, 8, 8)))
+    gamma = torch.tensor([-10.0, 0.3, 4.0])
+    _, dx = model.encode(x, gamma, derivative=True)
+    h = 1e-5
+    fd = -(model.encode(x, gamma + h, False)[0] - model.encode(x, gamma - h, False)[0]) / (2 * h)
+    assert torch.allclose(dx, fd, rtol=1e-6, atol=1e-10)
+    moved = model.encode(x, gamma + torch.tensor([0.0, 0.5, 0.0]), False)[0]
+    same = model.encode(x, gamma, False)[0]
+    assert torch.equal(moved[[0, 2]], same[[0, 2]]) and not torch.equal(moved[1], same[1])
+
+
+def test_gradients_through_the_jvp_are_exact():
+    """[DiffEnc: joint training] The encoder and its lambda-derivative, both from the single jvp,
+    pass exact gradients to the encoder's parameters: torch.autograd.gradcheck (reverse-over-forward
+    AD against finite differences, float64) of (x_phi, dx_phi/dlambda) with respect to the output
+    conv's weight and a time projection's weight."""
+    model = small_model(image=(1, 4, 4)).eval()
+    x = de.scale_pixels(torch.randint(0, 256, (2, 1, 4, 4)))
+    gamma = torch.tensor([-3.0, 2.0])
+    for name in ("conv_out", "down.0.0.temb"):
+        layer = model.enc.get_submodule(name)
+        weight = layer.weight
+
+        def encode_with(w):  # model.encode with this layer's weight replaced by the tensor w
+            del layer.weight
+            layer.weight = w
+            try:
+                return model.encode(x, gamma, derivative=True)
+            finally:
+                del layer.weight
+                layer.weight = weight
+        assert torch.autograd.gradcheck(encode_with, (weight.detach().clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+def test_the_full_loss_trains_every_encoder_parameter():
+    """[DiffEnc: joint training] One backward pass of the bpd reaches every parameter of the
+    encoder U-Net (through the diffusion term's y and dy/dgamma and the boundary terms)."""
+    model = small_model(image=(1, 4, 4))
+    x_int = torch.randint(0, 256, (2, 1, 4, 4))
+    terms = model(x_int, torch.tensor([0.3, 0.8]), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4))
+    de.bits_per_dim(terms, model.image_shape).mean().backward()
+    for name, p in model.enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------- 8. schedules and encoders
+
+
+def schedules():
+    """All three schedule kinds, the learned ones with random (but valid) parameters."""
+    out = [de.NoiseSchedule("fixed", -13.3, 5.0)]
+    for kind in ("scalar", "net"):
+        torch.manual_seed(len(out))
+        s = de.NoiseSchedule(kind, -13.3, 5.0)
+        with torch.no_grad():
+            for p in s.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        out.append(s)
+    return out
+
+
+@given(t=st.lists(st.floats(0, 1), min_size=2, max_size=20))
+def test_schedules_are_monotone_variance_preserving_with_their_endpoints(t):
+    """[VDM; DiffEnc: schedule] For every schedule kind: alpha^2 + sigma^2 = 1 (1e-15: rounding),
+    gamma is non-decreasing in t, and gamma(0), gamma(1) are the configured / learned endpoints
+    b and b + |w| (exactly for fixed, 1e-12 for the network's normalisation)."""
+    t = torch.tensor(sorted(t))
+    for s in schedules():
+        gamma = s(t)
+        alpha, sigma = de.alpha_sigma(gamma)
+        assert torch.allclose(alpha ** 2 + sigma ** 2, torch.ones_like(gamma), atol=1e-15)
+        assert (gamma.diff() >= -1e-12).all()
+        ends = s(torch.tensor([0.0, 1.0]))
+        assert ends[0].item() == pytest.approx(s.b.item(), abs=1e-12)
+        assert ends[1].item() == pytest.approx((s.b + s.w.abs()).item(), abs=1e-12)
+
+
+def test_fixed_schedule_matches_the_papers_table():
+    """[VDM; DiffEnc: experiments] gamma from -13.3 to 5: sigma^2(0) = sigmoid(-13.3) and
+    alpha^2(1) = sigmoid(-5) (the endpoints the paper's likelihoods are computed with), and the
+    slope gamma'(t) = 18.3 that the continuous loss uses (by jvp)."""
+    gamma, slope = torch.func.jvp(SCHEDULE, (torch.tensor([0.0, 0.5, 1.0]),), (torch.ones(3),))
+    assert torch.allclose(slope, torch.full((3,), 18.3))
+    alpha, sigma = de.alpha_sigma(gamma)
+    assert sigma[0] ** 2 == pytest.approx(1 / (1 + math.exp(13.3)), rel=1e-12)
+    assert alpha[2] ** 2 == pytest.approx(1 / (1 + math.exp(5.0)), rel=1e-12)
+
+
+@pytest.mark.parametrize("param", ["v", "eps"])
+@pytest.mark.parametrize("T", [0, 10])
+def test_learned_encoder_at_zero_init_gives_exactly_the_fixed_encoders_loss(param, T):
+    """[DiffEnc: encoder; code: S3VA vs S4V_NT] The learned encoder's last conv is zero-initialised,
+    so y = tanh(0) = 0 and its loss equals the fixed encoder's bit for bit (float32, the training
+    dtype) on the same batch, t and eps, for both parameterisations and both loss kinds."""
+    shape = (1, 8, 8)
+    x_int = torch.randint(0, 256, (4, *shape), generator=torch.Generator().manual_seed(0))
+    t, eps, eps_0 = de.draw_noise(0, 0, 4, shape)
+    losses = {}
+    torch.set_default_dtype(torch.float32)
+    try:
+        for encoder in ("learned", "fixed"):
+            cfg = de.Config(encoder=encoder, param=param, T=T, n_embd=8, n_layer=1, enc_ch=8, enc_levels=1)
+            torch.manual_seed(0)
+            model = de.DiffEnc(cfg, shape)
+            torch.manual_seed(0)
+            model.score.load_state_dict(de.DiffEnc(dataclass_replace(cfg, encoder="none"), shape).score.state_dict())
+            losses[encoder] = torch.stack(model(x_int, t.float(), eps.float(), eps_0.float()))
+    finally:
+        torch.set_default_dtype(torch.float64)
+    assert torch.equal(losses["learned"], losses["fixed"])
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+@given(seed=st.integers(0, 2 ** 16))
+def test_encoder_starts_at_the_data_and_stays_bounded(seed):
+    """[DiffEnc: encoder] x_phi(lambda_0) = x + sigma_0^2 (y - x), so |x_phi(0) - x| <= 2 sigma_0^2
+    = 3.3e-6 (|x|, |y| <= 1); and since y in (-1, 1), |x_phi| <= 1 at every t."""
+    model = small_model()
+    x = de.scale_pixels(torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(seed)))
+    gammas = SCHEDULE(torch.tensor([0.0, 0.3, 0.7, 1.0]))
+    sigma2_0 = torch.sigmoid(gammas[0]).item()
+    x0 = model.encode(x, gammas[0].expand(2), False)[0]
+    assert (x0 - x).abs().max().item() <= 2 * sigma2_0
+    for g in gammas:
+        assert model.encode(x, g.expand(2), False)[0].abs().max().item() <= 1
+
+
+# ----------------------------------------------------------------------------- 9. sampling
+
+
+def test_sampler_never_uses_the_encoder():
+    """[DiffEnc: the encoder is discarded after training] Samples are identical with the encoder's
+    weights replaced by NaN, and with the encoder removed: the sampler cannot have called it."""
+    model = small_model().eval()
+    reference, _ = de.sample(model, 4, 20, seed=1)
+    with torch.no_grad():
+        for p in model.enc.parameters():
+            p.fill_(float("nan"))
+    poisoned, _ = de.sample(model, 4, 20, seed=1)
+    model.enc = None
+    removed, _ = de.sample(model, 4, 20, seed=1)
+    assert torch.equal(reference, poisoned) and torch.equal(reference, removed)
+
+
+# ----------------------------------------------------------------------------- 10. boundary terms
+
+
+def test_decoder_is_a_normalised_distribution():
+    """[VDM: discretised decoder] sum over the 256 pixel values of p(x | z_0) = 1 for any z_0,
+    computed from recon_loss (1e-12: float64 rounding over 256 terms)."""
+    g0 = SCHEDULE(torch.tensor([0.0]))
+    for u in (-1.2, -0.3, 0.0017, 0.99, 1.3):
+        x_int = torch.arange(256).view(256, 1)
+        nll = de.recon_loss(x_int, torch.full((256, 1), u), g0.view(1, 1), torch.zeros(256, 1))
+        assert torch.exp(-nll).sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_recon_loss_matches_independent_quadrature_and_edges_cost_half():
+    """[VDM: discretised decoder] E_eps[-log p(x | z_0)] at gamma_0 = -13.3 by 250-point
+    Gauss-Hermite equals a 40001-point trapezoid integral over eps in [-12, 12] (relative 1e-6).
+    The integrand bends sharply where z_0 crosses the midpoint to a neighbouring grid value
+    (|eps| ~ 3), so Gauss-Hermite needs ~250 nodes to converge to 1e-7 (80 nodes: 3e-5). A boundary value (0 or 255) has one neighbour
+    instead of two, so it costs half an interior value (within 1%: the neighbours' tails are
+    equal by symmetry)."""
+    g0 = SCHEDULE(torch.tensor([0.0])).view(1, 1)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(250)  # weight exp(-eps^2/2)
+    grid = torch.linspace(-12, 12, 40001)
+    density = torch.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi)
+
+    def expected_nll(k, eps, w):
+        x_int = torch.full((len(eps), 1), k)
+        x_enc = de.scale_pixels(x_int)
+        return (de.recon_loss(x_int, x_enc, g0, eps.view(-1, 1)) * w).sum().item()
+    gh = lambda k: expected_nll(k, torch.tensor(nodes), torch.tensor(weights) / math.sqrt(2 * math.pi))
+    trap = lambda k: expected_nll(k, grid, density * (grid[1] - grid[0]))
+    for k in (0, 100, 255):
+        assert gh(k) == pytest.approx(trap(k), rel=1e-6)
+    assert gh(0) / gh(100) == pytest.approx(0.5, rel=0.01)
+    assert gh(255) / gh(100) == pytest.approx(0.5, rel=0.01)
+
+
+@given(x=st.floats(-1, 1), g1=st.floats(-2.0, 8.0))
+def test_prior_loss_matches_gauss_hermite_integration(x, g1):
+    """[VDM: prior loss] KL(N(alpha_1 x_phi(1), sigma_1^2) || N(0, 1)) from prior_loss equals
+    E_q[log q(z) - log p(z)] integrated by 40-point Gauss-Hermite with the Gaussian log-densities
+    written out (exact for this quadratic integrand, so 1e-10)."""
+    gamma = torch.tensor([[g1]])
+    alpha, sigma = de.alpha_sigma(gamma)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(40)
+    z = alpha * x + sigma * torch.tensor(nodes)
+    log_q = -0.5 * ((z - alpha * x) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+    log_p = -0.5 * z ** 2 - 0.5 * math.log(2 * math.pi)
+    numeric = ((log_q - log_p) * torch.tensor(weights)).sum() / math.sqrt(2 * math.pi)
+    assert de.prior_loss(torch.tensor([[x]]), gamma).item() == pytest.approx(numeric.item(), rel=1e-10, abs=1e-14)
