@@ -998,7 +998,7 @@ def train(cfg):
         raise DiffEncError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images; lower it")
     if rank == 0:
         prepare_out(cfg)
-    latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
+    latest = os.path.join(cfg.out, "latest.pt")
     torch.manual_seed(cfg.seed)  # initial weights
     model = DiffEnc(cfg, data.shape[1:]).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -1012,15 +1012,28 @@ def train(cfg):
     if cfg.compile:
         model.score.compile()  # in place: state_dict keys stay the same
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), image_shape=list(model.image_shape),
-                         step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), best_bpd=best)
     stop = []  # the signal that asked us to stop, if any
     def on_signal(signum, frame):
         stop.append(signum)
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     log = open(os.path.join(cfg.out, "log.csv"), "a") if rank == 0 else None
+    try:
+        return _train_loop(cfg, rank, world, device, data, test, model, ema, opt, net, step, best, stop, log)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if log is not None:
+            log.close()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train_loop(cfg, rank, world, device, data, test, model, ema, opt, net, step, best, stop, log):
+    """The loop of train(): log, evaluate, checkpoint; stops at cfg.steps, on a signal or a NaN."""
+    latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
+    state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), image_shape=list(model.image_shape),
+                         step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), best_bpd=best)
     if log is not None and log.tell() == 0:
         log.write("step,bpd,diffusion,latent,recon,lr\n")
     B = cfg.batch_size // world
@@ -1070,10 +1083,6 @@ def train(cfg):
                 print(f"diffenc: stopped by {signal.Signals(stop[0]).name} after step {step}; checkpoint {latest}. "
                       f"Continue with the same command plus --resume", file=sys.stderr)
             raise SystemExit(128 + stop[0])
-    if log is not None:
-        log.close()
-    if world > 1:
-        dist.destroy_process_group()
     return model, ema
 
 

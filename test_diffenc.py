@@ -832,3 +832,187 @@ def test_cli_trains_resumes_evaluates_and_samples(tmp_path):
     run_cli("--sample", out / "latest.pt", "--n-samples", 4)
     png = (out / "samples_step6.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- training that survives
+
+
+def log_rows(path):
+    """log.csv as {step: row}; a step logged twice (re-run after a kill) keeps its last row."""
+    lines = open(path).read().splitlines()[1:]
+    return {int(l.split(",")[0]): l for l in lines}
+
+
+def start_training(out, steps, *extra):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "diffenc.py"), "--train", "synthetic", *TINY,
+                             "--steps", str(steps), "--save-every", "2", "--eval-every", "1000", "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(out, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(out / "log.csv") and max(log_rows(out / "log.csv"), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(tmp_path):
+    """[robustness] A run killed with SIGKILL (twice, at different steps) and resumed with --resume
+    ends with the same loss trace (every logged digit) and the same weights, optimiser and EMA
+    (torch.equal) as an uninterrupted run with the same seed: data order, t, eps and dropout are
+    functions of (seed, step), and every checkpoint on disk was complete when it was renamed."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli("--train", "synthetic", *TINY, "--steps", 8, "--save-every", 2, "--eval-every", 1000, "--out", straight)
+    for kill_after in (3, 6):
+        proc = start_training(killed, 8, *(["--resume"] if kill_after == 6 else []))
+        wait_for_step(killed, kill_after, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        de.load_checkpoint(str(killed / "latest.pt"))  # loadable after the kill
+    run_cli("--train", "synthetic", *TINY, "--steps", 8, "--save-every", 2, "--eval-every", 1000, "--out", killed, "--resume")
+    assert log_rows(straight / "log.csv") == log_rows(killed / "log.csv")
+    a, b = (torch.load(d / "latest.pt", weights_only=True) for d in (straight, killed))
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    """[robustness] SIGTERM (as from a cluster's pre-emption; Ctrl-C is SIGINT, handled the same)
+    finishes the current step, saves latest.pt at that step, exits 128 + 15 with a message that
+    names --resume, and prints no traceback."""
+    out = tmp_path / "run"
+    proc = start_training(out, 10_000)
+    wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "--resume" in err and "Traceback" not in err
+    assert de.load_checkpoint(str(out / "latest.pt"))["step"] == max(log_rows(out / "log.csv"))
+
+
+def tiny_config(out, **kw):
+    return de.Config(**{**de.PRESETS["tiny"], **dict(dataset="synthetic", size="tiny", n_embd=8, enc_ch=8, batch_size=8,
+                                                     eval_images=16, eval_every=1000, save_every=2, log_every=1, out=str(out)), **kw})
+
+
+@pytest.fixture
+def float32():
+    """The training code runs in float32, as users run it."""
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(torch.float64)
+
+
+def nan_from_step(monkeypatch, bad_steps):
+    """Make DiffEnc.forward return NaN losses at the given training steps (counted by calls)."""
+    forward, calls = de.DiffEnc.forward, [0]
+    def poisoned(self, *args):
+        terms = forward(self, *args)
+        calls[0] += 1
+        return tuple(t * float("nan") for t in terms) if self.training and calls[0] - 1 in bad_steps else terms
+    monkeypatch.setattr(de.DiffEnc, "forward", poisoned)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, float32):
+    """[robustness] A NaN loss at step 3 stops training with a message naming the step and the
+    untouched checkpoint; latest.pt still holds step 2 byte for byte and its weights are finite."""
+    cfg = tiny_config(tmp_path / "run", steps=6)
+    nan_from_step(monkeypatch, {3})
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 3") as e:
+        de.train(cfg)
+    assert "untouched" in str(e.value.code)
+    ckpt = de.load_checkpoint(str(tmp_path / "run" / "latest.pt"))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_skip_nonfinite_skips_only_the_bad_batch(tmp_path, monkeypatch, float32):
+    """[robustness] With --skip-nonfinite a NaN batch is skipped: training reaches its last step
+    with finite weights, and the skipped step is missing from the log."""
+    cfg = tiny_config(tmp_path / "run", steps=5, skip_nonfinite=True)
+    nan_from_step(monkeypatch, {2})
+    model, _ = de.train(cfg)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sorted(log_rows(tmp_path / "run" / "log.csv")) == [1, 2, 4, 5]  # the 3rd batch (logged as 3) skipped
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch, float32, capsys):
+    """[robustness] Disk full while writing a checkpoint (torch.save writes half, then ENOSPC):
+    the previous latest.pt is byte-identical and loadable, no temporary file is left, the failure
+    is reported, and training goes on."""
+    cfg = tiny_config(tmp_path / "run", steps=4)
+    save, calls = torch.save, [0]
+    def failing_save(obj, f):
+        calls[0] += 1
+        if obj["step"] == 4:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        save(obj, f)
+    monkeypatch.setattr(de.torch, "save", failing_save)
+    de.train(cfg)
+    assert de.load_checkpoint(str(tmp_path / "run" / "latest.pt"))["step"] == 2
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "run"))
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_same_seed_and_flags_give_the_same_loss_trace(tmp_path, float32):
+    """[determinism] Two runs with the same seed and flags log identical losses (every digit), and
+    a different seed changes them."""
+    traces = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        de.train(tiny_config(tmp_path / name, steps=3, seed=seed))
+        traces.append(log_rows(tmp_path / name / "log.csv"))
+    assert traces[0] == traces[1] and traces[0] != traces[2]
+
+
+def main_error(capsys, *argv):
+    """Run main() in-process; return the exit code and stderr (the message a user sees)."""
+    with pytest.raises(SystemExit) as e:
+        de.main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monkeypatch, capsys, float32):
+    """[robustness] Each bad input ends with exit code 2 and exactly one line on stderr that says
+    what is wrong and what to do (and nothing is overwritten)."""
+    monkeypatch.setattr(de.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    run = tmp_path / "run"
+    de.train(tiny_config(run, steps=2))
+    not_ckpt, truncated = tmp_path / "notes.txt", tmp_path / "trunc.pt"
+    not_ckpt.write_text("hello")
+    truncated.write_bytes((run / "latest.pt").read_bytes()[:2000])
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    base = ["--size", "tiny", "--n-embd", 8, "--enc-ch", 8, "--batch-size", 8]
+    cases = [  # (argv, words the message must contain)
+        (["--train", "imagenet", *base], "unknown data set"),
+        (["--train", "mnist", *base, "--data-dir", tmp_path / "empty", "--out", tmp_path / "o1"], "train-images-idx3-ubyte.gz"),
+        (["--eval", truncated], "truncated or corrupt"),
+        (["--eval", not_ckpt], "truncated or corrupt"),
+        (["--eval", tmp_path / "missing.pt"], "no checkpoint"),
+        (["--train", "synthetic", *base, "--n-embd", 16, "--out", run, "--resume"], "--n-embd 8"),
+        (["--train", "synthetic", *base, "--out", run], "--resume"),
+        (["--train", "synthetic", *base, "--enc-levels", 5, "--out", tmp_path / "o2"], "--enc-levels"),
+        (["--train", "synthetic", *base, "--steps", 0], "--steps must be positive"),
+        (["--train", "synthetic", *base[:-1], -4], "--batch-size must be positive"),
+        (["--train", "synthetic", *base, "--out", a_file / "sub"], "writable"),
+    ]
+    before = (run / "latest.pt").read_bytes()
+    for argv, words in cases:
+        code, err = main_error(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and err.startswith("diffenc: ") and words in err, (argv, err)
+    assert (run / "latest.pt").read_bytes() == before
+
+
+def test_bad_input_prints_no_traceback_from_the_command_line(tmp_path):
+    """[robustness] From a real shell: a truncated checkpoint gives exit code 2 and one line."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    proc = run_cli("--eval", bad, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
