@@ -1161,7 +1161,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(cfg, steps=10, warmup=3, sample_batch=16, sample_steps=5):
+def bench(cfg, steps=10, warmup=2, sample_batch=16):
     """Median seconds per training step (forward, backward, AdamW, EMA) and per sampling step for
     encoder none / fixed / learned, on random data of the data set's shape; same seed and data for
     all three, so the ratios compare like with like."""
@@ -1191,13 +1191,14 @@ def bench(cfg, steps=10, warmup=3, sample_batch=16, sample_steps=5):
             times.append(time.perf_counter() - t0)
         mem = peak_memory(device)
         model.eval()
-        sample(model, sample_batch, 1, 0)  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        sample(model, sample_batch, sample_steps, 0)
-        sync(device)
-        s_step = (time.perf_counter() - t0) / sample_steps
-        step_s = float(np.median(times[warmup:]))
+        sample_times = []
+        for k in range(warmup + steps):  # one-step sampler calls: a score-network pass plus the update
+            sync(device)
+            t0 = time.perf_counter()
+            sample(model, sample_batch, 1, k)
+            sync(device)
+            sample_times.append(time.perf_counter() - t0)
+        step_s, s_step = float(np.median(times[warmup:])), float(np.median(sample_times[warmup:]))
         results[encoder] = (step_s, s_step)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  {cfg.batch_size / step_s:8.1f} img/s  "
