@@ -50,7 +50,6 @@ import copy
 import dataclasses
 import gzip
 import hashlib
-import io
 import math
 import os
 import pickle

@@ -449,8 +449,8 @@ def test_continuous_loss_equals_the_official_v_form(seed, gamma, param):
     x_hat = de.predict_x(out, z, alpha, sigma, param)
     err = de.scaled_error(out, eps, x_enc, alpha, sigma, param)
     ours = de.diffusion_loss_continuous(18.3, alpha, sigma, err, dx_enc, sigma ** 2 * x_hat)
-    v, v_hat = alpha * eps - sigma * x_enc, alpha * z - x_hat / 1  # v_hat from x_hat: x_hat = alpha z - sigma v_hat
-    v_hat = (alpha * z - x_hat) / sigma
+    v = alpha * eps - sigma * x_enc
+    v_hat = (alpha * z - x_hat) / sigma  # the v-prediction behind x_hat: x_hat = alpha z - sigma v_hat
     official = 0.5 * 18.3 * (alpha ** 2 * (v - v_hat + sigma * (x_hat - x_enc + y + dy)) ** 2).sum(1)
     assert torch.allclose(ours, official, rtol=1e-8, atol=1e-12)
 
