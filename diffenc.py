@@ -1160,6 +1160,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def median_seconds(fn, device, warmup, steps):
+    """Median wall time of fn(k) for k = warmup .. warmup+steps-1, after `warmup` untimed calls."""
+    times = []
+    for k in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn(k)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[warmup:]))
+
+
 def bench(cfg, steps=10, warmup=2, sample_batch=16):
     """Median seconds per training step (forward, backward, AdamW, EMA) and per sampling step for
     encoder none / fixed / learned, on random data of the data set's shape; same seed and data for
@@ -1181,23 +1193,11 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
         if c.compile:
             model.score.compile()
         peak_memory(device, reset=True)
-        times = []
-        for k in range(warmup + steps):
-            sync(device)
-            t0 = time.perf_counter()
-            train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1)
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        step_s = median_seconds(lambda k: train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1), device, warmup, steps)
         mem = peak_memory(device)
         model.eval()
-        sample_times = []
-        for k in range(warmup + steps):  # one-step sampler calls: a score-network pass plus the update
-            sync(device)
-            t0 = time.perf_counter()
-            sample(model, sample_batch, 1, k)
-            sync(device)
-            sample_times.append(time.perf_counter() - t0)
-        step_s, s_step = float(np.median(times[warmup:])), float(np.median(sample_times[warmup:]))
+        # one-step sampler calls: a score-network pass plus the reverse-process update
+        s_step = median_seconds(lambda k: sample(model, sample_batch, 1, k), device, warmup, steps)
         results[encoder] = (step_s, s_step)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  {cfg.batch_size / step_s:8.1f} img/s  "
