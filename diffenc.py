@@ -122,7 +122,7 @@ class Config:
     resume: bool = field(default=False, metadata=dict(help="continue the run in --out from latest.pt"))
     log_every: int = field(default=100, metadata=dict(help="steps between progress lines / log.csv rows"))
     eval_every: int = field(default=2000, metadata=dict(help="steps between test-BPD evaluations (EMA weights)"))
-    eval_images: int = field(default=0, metadata=dict(help="test images used by periodic evaluation; 0 = all"))
+    eval_images: int = field(default=0, metadata=dict(help="test images used by periodic evaluation and by --eval; 0 = all"))
     save_every: int = field(default=2000, metadata=dict(help="steps between checkpoints"))
     skip_nonfinite: bool = field(default=False, metadata=dict(help="skip a batch whose loss is NaN/inf instead of stopping"))
     sample_steps: int = field(default=1000, metadata=dict(help="sampler steps T (the paper: 1000)"))
@@ -1117,30 +1117,214 @@ def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None)
     return torch.cat(rows) / (math.prod(model.image_shape) * math.log(2))
 
 
-def run_eval(ckpt_path, args):
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = Config(**ckpt["config"])
-    data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
-    model = model_from_checkpoint(ckpt, pick_device())
-    bpd = evaluate(model, data, args.batch_size or cfg.batch_size, args.seed or 0, samples=args.eval_samples)
-    total = bpd.sum(1)
-    se = lambda a: (a.std() / math.sqrt(len(a))).item()
-    print(f"test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over {len(total)} images of the "
-          f"{cfg.dataset} test split; EMA weights, step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
-    for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
-        print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
-    return bpd
+PER_T = np.linspace(0, 1, 11)  # t in {0, 0.1, ..., 1} [code: evaluator.py, --per-t-step=0.1]
+
+
+def run_eval(ckpt_paths, args):
+    """Test bpd of each checkpoint; with args.per_t also the diffusion-loss integrand at every t in
+    PER_T, written as a CSV and a plot beside the first checkpoint. Every checkpoint sees the same
+    images and the same eps (draw_noise is a function of the seed), so differences between two
+    checkpoints are paired and their standard error is that of the per-image differences."""
+    se = lambda a: (a.std() / math.sqrt(len(a))).item() if len(a) > 1 else float("nan")
+    curves = []
+    for path in ckpt_paths:
+        ckpt = load_checkpoint(path)
+        cfg = Config(**ckpt["config"])
+        data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
+        model = model_from_checkpoint(ckpt, pick_device())
+        run = lambda t=None: evaluate(model, data, args.batch_size or cfg.batch_size, args.seed or 0,
+                                      args.eval_images or 0, args.eval_samples, t_fixed=t)
+        bpd = run()
+        total = bpd.sum(1)
+        print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over {len(total)} images of the "
+              f"{cfg.dataset} test split; EMA weights, step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
+        for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
+            print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
+        if args.per_t:  # the integrand at fixed t: the diffusion term is its integral over t in [0, 1]
+            curves.append(torch.stack([run(float(t))[:, 0] for t in PER_T], 1))   # (N, 11) bpd
+    if not curves:
+        return bpd
+    if len({c.shape[0] for c in curves}) > 1:
+        raise DiffEncError("--per-t compares checkpoints on the same images; pass checkpoints of the same data set")
+    cols = [(c.mean(0), c.std(0) / math.sqrt(len(c))) for c in curves]
+    names = [f"mean_{k + 1},se_{k + 1}" for k in range(len(curves))]
+    if len(curves) > 1:  # paired difference of the last checkpoint minus the first
+        d = curves[-1] - curves[0]
+        cols.append((d.mean(0), d.std(0) / math.sqrt(len(d))))
+        names.append(f"diff_{len(curves)}_1,se_diff")
+    prefix = os.path.join(os.path.dirname(ckpt_paths[0]) or ".", "per_t")
+    table = torch.stack([v for pair in cols for v in pair], 1).tolist()          # (11, 2 per column)
+    atomic_write(f"{prefix}.csv", lambda f: f.write(("t," + ",".join(names) + "\n" + "".join(
+        f"{t:.1f}," + ",".join(f"{v!r}" for v in row) + "\n" for t, row in zip(PER_T, table))).encode()))
+    colors = [(0, 0, 0), (220, 40, 40), (40, 80, 220), (40, 160, 40)]
+    line_plot(f"{prefix}.png", PER_T, [m.numpy() for m, _ in cols[:len(curves)]], colors)
+    legend = ", ".join(f"{n} = {p}" for n, p in zip(("black", "red", "blue", "green"), ckpt_paths))
+    print(f"wrote {prefix}.csv and {prefix}.png: diffusion-loss integrand (bpd) vs t; {legend}")
+    if len(curves) > 1:
+        m, s = cols[-1]
+        line_plot(f"{prefix}_diff.png", PER_T, [m.numpy(), (m - 2 * s).numpy(), (m + 2 * s).numpy(), 0 * m.numpy()],
+                  [(0, 0, 0), (160, 160, 160), (160, 160, 160), (220, 40, 40)])
+        print(f"wrote {prefix}_diff.png: {ckpt_paths[-1]} minus {ckpt_paths[0]} per t (black) ± 2 standard errors (gray); red = 0")
+    return curves
+
+
+SAMPLE_TS = (1.0, 0.8, 0.6, 0.4, 0.2)  # t of the intermediate x_hat shown beside each sample
+SAMPLE_ROWS = 8
 
 
 def run_sample(ckpt_path, args):
+    """A grid of samples, and a grid of the reverse process: x_hat(z_t) at SAMPLE_TS, then the sample."""
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, pick_device())
     T = args.sample_steps or model.cfg.sample_steps
-    x, _ = sample(model, args.n_samples, T, args.seed or 0)
+    steps = [max(1, round(t * T)) for t in SAMPLE_TS]
+    x, kept = sample(model, args.n_samples, T, args.seed or 0, keep=steps)
     path = os.path.join(os.path.dirname(ckpt_path) or ".", f"samples_step{ckpt['step']}.png")
     write_png(path, image_grid(x, math.ceil(math.sqrt(args.n_samples))))
-    print(f"wrote {args.n_samples} samples ({T} steps) to {path}")
-    return x
+    n = min(args.n_samples, SAMPLE_ROWS)
+    final = x[:n].expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:n]
+    panels = torch.stack([to_rgb(kept[i][:n]) for i in steps] + [final], 1)  # (n, len(steps) + 1, 3, H, W)
+    write_panels(path.replace(".png", "_process.png"), panels.flatten(0, 1), len(steps) + 1)
+    print(f"wrote {args.n_samples} samples ({T} steps) to {path}, and x_hat at t = {', '.join(map(str, SAMPLE_TS))} "
+          f"then the sample for {n} of them to {path.replace('.png', '_process.png')}")
+    return x, kept
+
+
+# Figures. PNGs drawn with numpy alone: image panels through image_grid, signed maps through a
+# blue-white-red colour map (the authors' heat maps use matplotlib's `bwr`), curves through
+# line_plot with a 3x5-pixel font for the tick labels.
+
+def to_rgb(x):
+    """Scaled images in [-1, 1] (N, C, H, W) -> uint8 (N, 3, H, W); gray is repeated, so gray
+    images and colour maps share one grid."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def bwr(v, lim):
+    """Signed maps (N, H, W) -> uint8 (N, 3, H, W): -lim blue, 0 white, +lim red, linear, clipped."""
+    u = (v / lim).clamp(-1, 1)
+    pos, neg = u.clamp(min=0), (-u).clamp(min=0)
+    return (torch.stack([1 - neg, 1 - pos - neg, 1 - pos], 1) * 255).round().to(torch.uint8)
+
+
+def write_panels(path, panels, ncol):
+    """Write (N, 3, H, W) uint8 panels as a grid with ncol columns, upscaled to >= 64 px per panel."""
+    k = max(1, 64 // panels.shape[-1])
+    write_png(path, image_grid(panels.cpu(), ncol).repeat(k, 0).repeat(k, 1))
+
+
+FONT = dict(zip("0123456789.-", (  # 3x5 glyphs, row by row
+    "111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
+    "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111",
+    "000000000000010", "000000111000000")))
+
+
+def draw_text(img, text, x, y, k=2):
+    """Draw `text` (digits, '.', '-') in black with its top-left corner at pixel (x, y), k px per font pixel."""
+    for ch in text:
+        glyph = np.kron(np.array([int(b) for b in FONT[ch]]).reshape(5, 3), np.ones((k, k), int))
+        img[y:y + 5 * k, x:x + 3 * k][glyph == 1] = 0
+        x += 4 * k
+
+
+def nice_ticks(lo, hi, n=5):
+    """At most ~n round tick values (1, 2 or 5 times a power of ten apart) in [lo, hi], and their decimals."""
+    raw = (hi - lo) / n
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    ticks = np.arange(math.ceil(lo / step), math.floor(hi / step) + 1) * step
+    return ticks, max(0, -math.floor(math.log10(step)))
+
+
+def line_plot(path, x, ys, colors, size=(300, 480)):
+    """Plot the curves ys[k] (n,) against x (n,) in colors[k] (RGB) as a PNG, with gridlines and
+    tick labels; the caption (what the curves are) is printed by the caller."""
+    H, W = size
+    img = np.full((H, W, 3), 255, np.uint8)
+    left, right, top, bottom = 64, W - 12, 10, H - 26                       # the plot box
+    lo, hi = min(float(np.min(y)) for y in ys), max(float(np.max(y)) for y in ys)
+    lo, hi = (lo - 1, hi + 1) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    px = lambda v: left + (np.asarray(v) - x[0]) / (x[-1] - x[0]) * (right - left)
+    py = lambda v: bottom - (np.asarray(v) - lo) / (hi - lo) * (bottom - top)
+    ticks, dec = nice_ticks(lo, hi)
+    for v in ticks:
+        r, label = int(round(py(v))), f"{v:.{dec}f}"
+        img[r, left:right] = 220
+        draw_text(img, label, left - 6 - 8 * len(label), r - 5)
+    ticks, dec = nice_ticks(x[0], x[-1])
+    for v in ticks:
+        c, label = int(round(px(v))), f"{v:.{dec}f}"
+        img[top:bottom, c] = 220
+        draw_text(img, label, c - 4 * len(label), bottom + 6)
+    img[top, left:right + 1] = img[bottom, left:right + 1] = 0
+    img[top:bottom + 1, left] = img[top:bottom + 1, right] = 0
+    for y, color in zip(ys, colors):
+        for i in range(len(x) - 1):                                          # each segment, 2 px wide
+            n = int(max(abs(px(x[i + 1]) - px(x[i])), abs(py(y[i + 1]) - py(y[i])))) + 2
+            cs = np.round(np.linspace(px(x[i]), px(x[i + 1]), n)).astype(int)
+            rs = np.round(np.linspace(py(y[i]), py(y[i + 1]), n)).astype(int)
+            for d in (0, 1):
+                img[np.clip(rs + d, 0, H - 1), np.clip(cs, 0, W - 1)] = color
+    write_png(path, img)
+
+
+# Seeing what the encoder learned [DiffEnc: experiments, Fig. 2; code: encoder_inspector.py].
+# x_phi(lambda_t) = alpha_t^2 x + sigma_t^2 y(x, lambda_t): the first part is the fixed encoder,
+# the second what the network adds; it is invisible while sigma_t^2 ~ 0 (t < 0.4 here) and takes
+# over as alpha_t^2 -> 0. The rate (x_phi(t) - x_phi(t - 0.1))/0.1 summed over channels is the
+# authors' article heat map; each t gets its own colour scale (the rates differ by orders of
+# magnitude across t), printed with the figure.
+
+INSPECT_TS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)   # columns of the x_phi grid
+RATE_TS, RATE_DT = (0.4, 0.6, 0.8, 1.0), 0.1  # the article heat maps
+INSPECT_ROWS = 4                              # test images shown (the first ones of the split)
+RANGE_TS = np.linspace(0, 1, 101)             # min/mean/max of x_phi on the authors' 0.01 grid
+
+
+def encoder_at(model, x, t):
+    """x_phi(x, lambda_t) (B, C, H, W) and alpha_t^2 (B, 1, 1, 1) at one time t; x scaled (B, C, H, W)."""
+    gamma = model.schedule(torch.full((len(x),), float(t), device=x.device))  # (B,)
+    return model.encode(x, gamma, derivative=False)[0], torch.sigmoid(-gamma)[:, None, None, None]
+
+
+@torch.no_grad()
+def run_inspect(ckpt_path, args):
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = Config(**ckpt["config"])
+    if cfg.encoder != "learned":
+        raise DiffEncError(f"--inspect shows a learned encoder, but {ckpt_path} was trained with --encoder {cfg.encoder}; "
+                           f"pass a checkpoint of an --encoder learned run")
+    device = pick_device()
+    model = model_from_checkpoint(ckpt, device)
+    data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
+    prefix = os.path.join(os.path.dirname(ckpt_path) or ".", f"inspect_step{ckpt['step']}")
+    x = scale_pixels(data[:INSPECT_ROWS].to(device))                           # (R, C, H, W)
+    R = len(x)
+
+    enc = [encoder_at(model, x, t) for t in INSPECT_TS]
+    added = torch.stack([(x_enc - a2 * x).mean(1) for x_enc, a2 in enc], 1)   # (R, n_t, H, W), channel mean
+    lim = added.abs().max().clamp(min=1e-12)
+    rows = [torch.stack([to_rgb(x_enc)[r] for x_enc, _ in enc]) for r in range(R)]
+    rows = [p for r in range(R) for p in (rows[r], bwr(added[r], lim))]       # x_phi row, then its learned part
+    write_panels(f"{prefix}_grid.png", torch.cat(rows), len(INSPECT_TS))
+
+    rate = torch.stack([((encoder_at(model, x, t)[0] - encoder_at(model, x, t - RATE_DT)[0]) / RATE_DT).sum(1)
+                        for t in RATE_TS], 1)                                  # (R, n_rate, H, W)
+    lims = rate.abs().amax(dim=(0, 2, 3)).clamp(min=1e-12)                    # one colour scale per t
+    write_panels(f"{prefix}_rate.png", bwr((rate / lims[:, None, None]).flatten(0, 1), 1.0), len(RATE_TS))
+
+    xs = scale_pixels(data[:args.batch_size or cfg.batch_size].to(device))     # a batch for the statistics
+    stats = np.array([[v.item() for v in (e.min(), e.mean(), e.max())] for e in (encoder_at(model, xs, t)[0] for t in RANGE_TS)])
+    atomic_write(f"{prefix}_range.csv", lambda f: f.write(("t,min,mean,max\n" + "".join(
+        f"{t:.2f},{a!r},{b!r},{c!r}\n" for t, (a, b, c) in zip(RANGE_TS, stats.tolist()))).encode()))
+    line_plot(f"{prefix}_range.png", RANGE_TS, list(stats.T), [(40, 80, 220), (0, 0, 0), (220, 40, 40)])
+
+    print(f"wrote {prefix}_grid.png: rows x_phi(lambda_t) and (x_phi - alpha_t^2 x) of {R} test images at t = "
+          f"{', '.join(map(str, INSPECT_TS))}; colour scale +-{lim:.3g} (red +, blue -)")
+    print(f"wrote {prefix}_rate.png: (x_phi(t) - x_phi(t - {RATE_DT}))/{RATE_DT} summed over channels at t = "
+          f"{', '.join(map(str, RATE_TS))} (columns); colour scales +-" + ", +-".join(f"{v:.3g}" for v in lims.tolist()))
+    print(f"wrote {prefix}_range.csv/.png: min (blue), mean (black), max (red) of x_phi over {len(xs)} test images vs t")
+    return added, rate, stats
 
 
 def peak_memory(device, reset=False):
@@ -1212,19 +1396,21 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
 #
 # argparse is generated from Config: every field is a flag (--n-embd, --encoder, ...). The value
 # of a setting is: the Config default, overridden by the --size preset, overridden by the flags
-# given. Modes: --train DATASET | --eval CKPT | --sample CKPT | --bench.
+# given. Modes: --train DATASET | --eval CKPT [CKPT ...] [--per-t] | --sample CKPT | --inspect CKPT | --bench.
 # -------------------------------------------------------------------------------------------------
 
 def build_parser():
     p = argparse.ArgumentParser(prog="diffenc.py", description="DiffEnc (arXiv 2310.19789): train, evaluate, sample, benchmark.")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", metavar="DATASET", help="train on cifar10 | mnist | synthetic")
-    mode.add_argument("--eval", metavar="CKPT", help="print test bits/dim of a checkpoint with its standard error")
-    mode.add_argument("--sample", metavar="CKPT", help="write a PNG grid of samples beside the checkpoint")
+    mode.add_argument("--eval", metavar="CKPT", nargs="+", help="print test bits/dim of checkpoints with standard errors")
+    mode.add_argument("--sample", metavar="CKPT", help="write PNG grids of samples and of the reverse process beside the checkpoint")
+    mode.add_argument("--inspect", metavar="CKPT", help="write figures of a learned encoder (x_phi over t, rate heat maps, range) beside it")
     mode.add_argument("--bench", metavar="DATASET", nargs="?", const="cifar10",
                       help="time training and sampling steps for encoder none/fixed/learned on images of DATASET's shape (default cifar10)")
     p.add_argument("--n-samples", type=int, default=64, help="--sample: number of images")
     p.add_argument("--eval-samples", type=int, default=1, help="--eval: (t, eps) draws per image")
+    p.add_argument("--per-t", action="store_true", help="--eval: also the diffusion-loss integrand at t = 0, 0.1, ..., 1 (CSV + plot)")
     for f in dataclasses.fields(Config):
         if f.name == "dataset":
             continue  # given by --train
@@ -1248,6 +1434,8 @@ def config_from_args(args, dataset):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if args.per_t and not args.eval:
+            raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
         if args.train:
             train(config_from_args(args, args.train))
         elif args.eval:
@@ -1258,6 +1446,8 @@ def main(argv=None):
             if args.n_samples <= 0:
                 raise DiffEncError(f"--n-samples must be positive, got {args.n_samples}")
             run_sample(args.sample, args)
+        elif args.inspect:
+            run_inspect(args.inspect, args)
         else:
             cfg = config_from_args(args, args.bench)
             validate(cfg)

@@ -805,6 +805,133 @@ def test_png_writer_round_trips_through_zlib(tmp_path):
     assert rows == b"".join(b"\x00" + img[r].tobytes() for r in range(5))
 
 
+# ----------------------------------------------------------------------------- figures and inspection
+
+
+def read_png(path):
+    """Decode a PNG written by write_png (8-bit, filter 0 on every row) -> (H, W, C) uint8."""
+    data, pos, chunks = open(path, "rb").read(), 8, {}
+    while pos < len(data):
+        (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        chunks[tag] = chunks.get(tag, b"") + data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    W, H, _, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    C = 3 if colour == 2 else 1
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(H, 1 + W * C)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(H, W, C)
+
+
+def save_model(model, path, step=0):
+    """A checkpoint of `model` (weights and EMA alike), as train() writes it."""
+    state = dict(format=de.CKPT_FORMAT, config=dataclasses.asdict(model.cfg), image_shape=list(model.image_shape),
+                 step=step, model=model.state_dict(), ema=model.state_dict(), opt={}, best_bpd=math.inf)
+    assert de.save_checkpoint(state, path)
+    return path
+
+
+def test_bwr_colour_map_is_white_at_zero_red_above_blue_below():
+    """[figures] The diverging map of the heat maps: 0 -> white, +lim -> pure red, -lim -> pure
+    blue, clipped beyond +-lim; red never falls and blue never rises with the value, so colour
+    reads as a signed scale."""
+    v = torch.linspace(-2, 2, 401)[None, None]                         # (1, 1, 401): -2 .. 2 in steps of 0.01
+    r, g, b = de.bwr(v, 1.0)[0, :, 0].int()                            # each (401,)
+    assert (r[200], g[200], b[200]) == (255, 255, 255)
+    assert (r[300], g[300], b[300]) == (255, 0, 0) and (r[100], g[100], b[100]) == (0, 0, 255)
+    assert (r[300:] == 255).all() and (b[:100] == 255).all() and (g[:100] == 0).all() and (g[300:] == 0).all()
+    assert (r.diff() >= 0).all() and (b.diff() <= 0).all()
+
+
+@given(lo=st.floats(-1e3, 1e3), width=st.floats(1e-3, 1e3))
+def test_tick_values_are_round_evenly_spaced_and_inside_the_range(lo, width):
+    """[figures] Axis ticks: 2 to 6 values inside [lo, hi], one step apart, the step 1, 2 or 5 times
+    a power of ten, and labels with enough decimals that no two ticks read the same."""
+    hi = lo + width
+    ticks, dec = de.nice_ticks(lo, hi)
+    step = ticks[1] - ticks[0]
+    mantissa = step / 10 ** math.floor(math.log10(step) + 1e-9)
+    assert 2 <= len(ticks) <= 6
+    assert ticks[0] >= lo - 1e-9 * max(1, abs(lo)) and ticks[-1] <= hi + 1e-9 * max(1, abs(hi))
+    assert np.allclose(np.diff(ticks), step) and min(abs(mantissa - m) for m in (1, 2, 5)) < 1e-6
+    assert len({f"{v:.{dec}f}" for v in ticks}) == len(ticks)
+
+
+def test_line_plot_draws_straight_data_as_a_straight_rising_line(tmp_path):
+    """[figures] line_plot maps data to pixels linearly: y = 2x + 1 drawn in pure red is a straight
+    run of pixels (residual < 1.5 px from a fitted line) that rises to the right across most of
+    the image, and a curve drawn above it in data lies above it in pixels."""
+    x = np.linspace(0, 1, 11)
+    de.line_plot(tmp_path / "p.png", x, [2 * x + 1, 2 * x + 1.5], [(255, 0, 0), (0, 0, 255)])
+    img = read_png(tmp_path / "p.png").astype(int)
+    red = (img[..., 0] == 255) & (img[..., 1] == 0) & (img[..., 2] == 0)
+    blue = (img[..., 0] == 0) & (img[..., 1] == 0) & (img[..., 2] == 255)
+    rows, cols = np.nonzero(red)
+    slope, icpt = np.polyfit(cols, rows, 1)
+    assert np.abs(rows - (slope * cols + icpt)).max() < 1.5
+    assert slope < 0 and cols.max() - cols.min() > 0.8 * img.shape[1]
+    for c in np.unique(cols)[::20]:                                     # blue above red, column by column
+        assert np.nonzero(blue[:, c])[0].mean() < np.nonzero(red[:, c])[0].mean()
+
+
+def test_inspect_shows_an_encoder_that_starts_at_the_data_and_stays_in_range(tmp_path):
+    """[figures] --inspect of a learned encoder with random (non-trivial) weights: the learned
+    part x_phi - alpha^2 x = sigma^2 y is at most sigma_0^2 = 1.7e-6 at t = 0 (the encoder starts
+    at the data) and visible later; x_phi stays in (-1, 1) at every t (a convex mix of x and
+    y = tanh(.)), and at t = 0 its min/mean/max are the data's to within 2 sigma_0^2. The grid has
+    two rows per image (x_phi, learned part) and a column per t."""
+    model = small_model("learned", image=(1, 16, 16), dataset="synthetic", batch_size=8)
+    ckpt = save_model(model, tmp_path / "enc.pt")
+    args = de.build_parser().parse_args(["--inspect", str(ckpt)])
+    added, rate, stats = de.run_inspect(args.inspect, args)
+    sigma2_0 = torch.sigmoid(torch.tensor(-13.3)).item()
+    assert added[:, 0].abs().max() <= sigma2_0 and added[:, -1].abs().max() > 0.05
+    assert rate.shape[:2] == (de.INSPECT_ROWS, len(de.RATE_TS)) and rate.isfinite().all()
+    x = de.scale_pixels(de.synthetic("test")[:8])
+    assert np.allclose(stats[0], [x.min(), x.mean(), x.max()], atol=2 * sigma2_0)
+    assert (stats[:, 0] <= stats[:, 1]).all() and (stats[:, 1] <= stats[:, 2]).all()
+    assert (stats[:, 0] > -1).all() and (stats[:, 2] < 1).all()
+    csv = (tmp_path / "inspect_step0_range.csv").read_text().splitlines()
+    assert csv[0] == "t,min,mean,max" and len(csv) == 1 + len(de.RANGE_TS)
+    grid = read_png(tmp_path / "inspect_step0_grid.png")
+    k = 64 // 16                                                        # panels are upscaled to >= 64 px
+    assert grid.shape == (k * (2 * de.INSPECT_ROWS * 18 + 2), k * (len(de.INSPECT_TS) * 18 + 2), 3)
+    assert read_png(tmp_path / "inspect_step0_range.png").shape[2] == 3
+
+
+def test_per_t_curve_at_initialisation_matches_its_closed_form_and_pairs_checkpoints(tmp_path):
+    """[figures] --eval --per-t evaluates the diffusion-loss integrand at fixed t. At initialisation
+    the VDM's score net is its base measure, v_hat = z, so err = alpha ((alpha + sigma) x +
+    (sigma - alpha) eps) and E_eps of the integrand is gamma'/2 alpha^2 ((alpha + sigma)^2 |x|^2 / d
+    + (sigma - alpha)^2) / ln 2 bpd; the curve must match it within 5 standard errors at every t.
+    Two checkpoints see the same images and eps: a checkpoint against itself differs by exactly 0."""
+    model = small_model("none", image=(1, 16, 16), dataset="synthetic")
+    ckpt = save_model(model, tmp_path / "vdm.pt")
+    args = de.build_parser().parse_args(["--eval", str(ckpt), str(ckpt), "--per-t", "--eval-images", "64",
+                                         "--eval-samples", "2", "--batch-size", "64"])
+    curves = de.run_eval(args.eval, args)
+    x = de.scale_pixels(de.synthetic("test")[:64])
+    gamma, dgamma = torch.func.jvp(model.schedule, (torch.tensor(de.PER_T),), (torch.ones(len(de.PER_T)),))
+    alpha, sigma = de.alpha_sigma(gamma)
+    x2 = x.pow(2).flatten(1).mean(1)[:, None]                          # (64, 1): |x|^2 / d
+    exact = (dgamma / 2 * alpha ** 2 * ((alpha + sigma) ** 2 * x2 + (sigma - alpha) ** 2) / math.log(2)).mean(0)
+    se = curves[0].std(0) / math.sqrt(64)
+    assert ((curves[0].mean(0) - exact).abs() <= 5 * se + 1e-9).all()
+    assert torch.equal(curves[0], curves[1])
+    table = (tmp_path / "per_t.csv").read_text().splitlines()
+    assert table[0] == "t,mean_1,se_1,mean_2,se_2,diff_2_1,se_diff" and len(table) == 1 + len(de.PER_T)
+    assert all(float(v) == 0 for row in table[1:] for v in row.split(",")[5:])
+
+
+def test_keeping_intermediate_predictions_does_not_change_the_samples():
+    """[figures] The reverse-process grid is a by-product: sampling with keep=(steps) returns the
+    same samples as without, and x_hat at exactly the kept steps, each (n, C, H, W)."""
+    model = small_model("learned", image=(1, 8, 8)).eval()
+    plain, _ = de.sample(model, 3, 10, seed=1)
+    kept_x, kept = de.sample(model, 3, 10, seed=1, keep=(10, 6, 2))
+    assert torch.equal(plain, kept_x) and sorted(kept) == [2, 6, 10]
+    assert all(v.shape == (3, 1, 8, 8) and v.isfinite().all() for v in kept.values())
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -986,6 +1113,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
     monkeypatch.setattr(de.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     run = tmp_path / "run"
     de.train(tiny_config(run, steps=2))
+    vdm = tmp_path / "vdm"
+    de.train(tiny_config(vdm, steps=1, encoder="none"))
     not_ckpt, truncated = tmp_path / "notes.txt", tmp_path / "trunc.pt"
     not_ckpt.write_text("hello")
     truncated.write_bytes((run / "latest.pt").read_bytes()[:2000])
@@ -1004,6 +1133,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         (["--train", "synthetic", *base, "--steps", 0], "--steps must be positive"),
         (["--train", "synthetic", *base[:-1], -4], "--batch-size must be positive"),
         (["--train", "synthetic", *base, "--out", a_file / "sub"], "writable"),
+        (["--inspect", vdm / "latest.pt"], "--encoder learned"),
+        (["--sample", run / "latest.pt", "--per-t"], "--per-t is an option of --eval"),
     ]
     before = (run / "latest.pt").read_bytes()
     for argv, words in cases:
