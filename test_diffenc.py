@@ -538,13 +538,30 @@ def test_gradients_through_the_jvp_are_exact():
 
 def test_the_full_loss_trains_every_encoder_parameter():
     """[DiffEnc: joint training] One backward pass of the bpd reaches every parameter of the
-    encoder U-Net (through the diffusion term's y and dy/dgamma and the boundary terms)."""
+    encoder U-Net (through the diffusion term's y and dy/dgamma and the boundary terms; t = 0.3
+    and 0.8 put one image at each end)."""
     model = small_model(image=(1, 4, 4))
     x_int = torch.randint(0, 256, (2, 1, 4, 4))
     terms = model(x_int, torch.tensor([0.3, 0.8]), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4))
     de.bits_per_dim(terms, model.image_shape).mean().backward()
     for name, p in model.enc.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_training_estimate_of_the_boundary_terms_is_unbiased():
+    """[ELBO] In training each image pays the boundary term of the end nearer its t, twice. Over a
+    uniform grid of t (half below 1/2) the average of those estimates equals the exact prior and
+    reconstruction terms that evaluation computes for every image, per image, to float64 rounding."""
+    model = small_model(image=(1, 4, 4))
+    n_t, x_int = 10, torch.randint(0, 256, (3, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    eps_0 = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    t = (torch.arange(n_t) + 0.5) / n_t                                 # 0.05 .. 0.95
+    rep = lambda a: a.repeat_interleave(n_t, 0)                         # each image at every t
+    train_terms = model.train()(rep(x_int), t.repeat(3), torch.randn(3 * n_t, 1, 4, 4), rep(eps_0))
+    _, latent, recon = model.eval()(x_int, torch.full((3,), 0.5), torch.randn(3, 1, 4, 4), eps_0)
+    assert torch.allclose(train_terms[1].view(3, n_t).mean(1), latent, rtol=1e-12, atol=0)
+    assert torch.allclose(train_terms[2].view(3, n_t).mean(1), recon, rtol=1e-12, atol=0)
+    assert (train_terms[1].view(3, n_t)[:, :n_t // 2] == 0).all() and (train_terms[2].view(3, n_t)[:, n_t // 2:] == 0).all()
 
 
 # ----------------------------------------------------------------------------- 8. schedules and encoders
