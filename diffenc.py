@@ -1366,6 +1366,29 @@ def median_seconds(fn, device, warmup, steps):
     return float(np.median(times[warmup:]))
 
 
+# Dense tensor-core peaks in TFLOP/s, (bf16, tf32), from NVIDIA's data sheets: the denominator of
+# MFU (model FLOPs utilisation). Matched in order against torch.cuda.get_device_name().
+PEAK_TFLOPS = (("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 494.7)), ("H200", (989.0, 494.7)), ("A100", (312.0, 156.0)))
+
+
+def step_flops(fn):
+    """FLOPs of fn() as PyTorch's FlopCounterMode counts them: matmuls and convolutions (2 per
+    multiply-add), forward, backward and the jvp's tangent pass; elementwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def mfu(flops_per_s, device, amp):
+    """Achieved / peak FLOP/s on a known CUDA GPU, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((p for key, p in PEAK_TFLOPS if key in name), None)
+    return None if peak is None else flops_per_s / (peak[0 if amp else 1] * 1e12)
+
+
 def bench(cfg, steps=10, warmup=2, sample_batch=16):
     """Median seconds per training step (forward, backward, AdamW, EMA) and per sampling step for
     encoder none / fixed / learned, on random data of the data set's shape; same seed and data for
@@ -1387,15 +1410,18 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
         if c.compile:
             model.score.compile()
         peak_memory(device, reset=True)
+        flops = step_flops(lambda: train_step(model, model, ema, opt, c, 0, x, t, eps, eps_0, 1))  # also a warm-up
         step_s = median_seconds(lambda k: train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1), device, warmup, steps)
         mem = peak_memory(device)
+        util = mfu(flops / step_s, device, c.amp)
         model.eval()
         # one-step sampler calls: a score-network pass plus the reverse-process update
         s_step = median_seconds(lambda k: sample(model, sample_batch, 1, k), device, warmup, steps)
-        results[encoder] = (step_s, s_step)
+        results[encoder] = (step_s, s_step, flops)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  {cfg.batch_size / step_s:8.1f} img/s  "
-              f"peak mem {mem / 2 ** 20:8.0f} MiB  |  sample {s_step:.4f} s/step (batch {sample_batch})")
+              f"{flops / 1e9:7.1f} GFLOP/step  {flops / step_s / 1e12:6.3f} TFLOP/s" + (f"  MFU {util:5.1%}" if util is not None else "") +
+              f"  peak mem {mem / 2 ** 20:6.0f} MiB  |  sample {s_step:.4f} s/step (batch {sample_batch})")
     for enc in ("fixed", "learned"):
         print(f"  ratio {enc}/none: train {results[enc][0] / results['none'][0]:.2f}  sample {results[enc][1] / results['none'][1]:.2f}")
     return results

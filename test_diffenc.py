@@ -1169,6 +1169,18 @@ def test_bad_input_prints_no_traceback_from_the_command_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
+def test_bench_reports_all_three_encoders_and_counts_only_the_learned_ones_flops(capsys, float32):
+    """[scale] --bench times none / fixed / learned on the same data and prints both ratios. By
+    FLOP count (matmuls and convolutions) the fixed encoder is free, exactly the VDM's count (it
+    is elementwise), and the learned encoder is not; the sampler is timed without the encoder."""
+    cfg = tiny_config("unused", dataset="synthetic", batch_size=4)
+    results = de.bench(cfg, steps=1, warmup=0, sample_batch=2)
+    out = capsys.readouterr().out
+    assert "ratio fixed/none" in out and "ratio learned/none" in out and out.count("GFLOP/step") == 3
+    assert results["fixed"][2] == results["none"][2] < results["learned"][2]
+    assert all(v > 0 for r in results.values() for v in r)
+
+
 # ----------------------------------------------------------------------------- multi-process (DDP)
 
 
