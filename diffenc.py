@@ -1136,7 +1136,7 @@ def run_eval(ckpt_paths, args):
     images and the same eps (draw_noise is a function of the seed), so differences between two
     checkpoints are paired and their standard error is that of the per-image differences."""
     se = lambda a: (a.std() / math.sqrt(len(a))).item() if len(a) > 1 else float("nan")
-    curves = []
+    curves, totals = [], []
     for path in ckpt_paths:
         ckpt = load_checkpoint(path)
         cfg = Config(**ckpt["config"])
@@ -1150,6 +1150,10 @@ def run_eval(ckpt_paths, args):
               f"{cfg.dataset} test split; EMA weights, step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
         for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
             print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
+        totals.append(total)
+        if len(totals) > 1 and len(total) == len(totals[0]):
+            d = total - totals[0]
+            print(f"  minus {ckpt_paths[0]}: {d.mean():+.4f} ± {se(d):.4f} bpd (paired: same images, t and eps)")
         if args.per_t:  # the integrand at fixed t: the diffusion term is its integral over t in [0, 1]
             curves.append(torch.stack([run(float(t))[:, 0] for t in PER_T], 1))   # (N, 11) bpd
     if not curves:

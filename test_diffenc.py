@@ -915,12 +915,13 @@ def test_inspect_shows_an_encoder_that_starts_at_the_data_and_stays_in_range(tmp
     assert read_png(tmp_path / "inspect_step0_range.png").shape[2] == 3
 
 
-def test_per_t_curve_at_initialisation_matches_its_closed_form_and_pairs_checkpoints(tmp_path):
+def test_per_t_curve_at_initialisation_matches_its_closed_form_and_pairs_checkpoints(tmp_path, capsys):
     """[figures] --eval --per-t evaluates the diffusion-loss integrand at fixed t. At initialisation
     the VDM's score net is its base measure, v_hat = z, so err = alpha ((alpha + sigma) x +
     (sigma - alpha) eps) and E_eps of the integrand is gamma'/2 alpha^2 ((alpha + sigma)^2 |x|^2 / d
     + (sigma - alpha)^2) / ln 2 bpd; the curve must match it within 5 standard errors at every t.
-    Two checkpoints see the same images and eps: a checkpoint against itself differs by exactly 0."""
+    Two checkpoints see the same images and eps: a checkpoint against itself differs by exactly 0,
+    per t and in total."""
     model = small_model("none", image=(1, 16, 16), dataset="synthetic")
     ckpt = save_model(model, tmp_path / "vdm.pt")
     args = de.build_parser().parse_args(["--eval", str(ckpt), str(ckpt), "--per-t", "--eval-images", "64",
@@ -937,6 +938,7 @@ def test_per_t_curve_at_initialisation_matches_its_closed_form_and_pairs_checkpo
     table = (tmp_path / "per_t.csv").read_text().splitlines()
     assert table[0] == "t,mean_1,se_1,mean_2,se_2,diff_2_1,se_diff" and len(table) == 1 + len(de.PER_T)
     assert all(float(v) == 0 for row in table[1:] for v in row.split(",")[5:])
+    assert "+0.0000 ± 0.0000 bpd (paired" in capsys.readouterr().out
 
 
 def test_keeping_intermediate_predictions_does_not_change_the_samples():
