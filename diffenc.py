@@ -1223,8 +1223,8 @@ def bwr(v, lim):
 
 
 def write_panels(path, panels, ncol):
-    """Write (N, 3, H, W) uint8 panels as a grid with ncol columns, upscaled to >= 64 px per panel."""
-    k = max(1, 64 // panels.shape[-1])
+    """Write (N, 3, H, W) uint8 panels as a grid with ncol columns, upscaled to >= 96 px per panel."""
+    k = max(1, 96 // panels.shape[-1])
     write_png(path, image_grid(panels.cpu(), ncol).repeat(k, 0).repeat(k, 1))
 
 

@@ -910,7 +910,7 @@ def test_inspect_shows_an_encoder_that_starts_at_the_data_and_stays_in_range(tmp
     csv = (tmp_path / "inspect_step0_range.csv").read_text().splitlines()
     assert csv[0] == "t,min,mean,max" and len(csv) == 1 + len(de.RANGE_TS)
     grid = read_png(tmp_path / "inspect_step0_grid.png")
-    k = 64 // 16                                                        # panels are upscaled to >= 64 px
+    k = 96 // 16                                                        # panels are upscaled to >= 96 px
     assert grid.shape == (k * (2 * de.INSPECT_ROWS * 18 + 2), k * (len(de.INSPECT_TS) * 18 + 2), 3)
     assert read_png(tmp_path / "inspect_step0_range.png").shape[2] == 3
 
