@@ -27,7 +27,9 @@ How to run:
     python diffenc.py --train cifar10                      # the paper's 8-block DiffEnc model
     python diffenc.py --train mnist --size tiny --steps 300  # minutes on a laptop CPU
     python diffenc.py --eval runs/diffenc/latest.pt        # test-set bits/dim with standard error
-    python diffenc.py --sample runs/diffenc/latest.pt      # PNG grid of samples
+    python diffenc.py --sample runs/diffenc/latest.pt      # PNG grids: samples, x_hat along the way
+    python diffenc.py --inspect runs/diffenc/latest.pt     # what the encoder does: x_phi over t, rates
+    python diffenc.py --eval runs/vdm/latest.pt runs/diffenc/latest.pt --per-t  # loss per t, paired
     python diffenc.py --bench --size tiny                  # seconds per step, memory, ratios
     torchrun --nproc_per_node=4 diffenc.py --train cifar10 # data-parallel on 4 GPUs
     pytest -q                                              # the paper's theory, checked numerically
@@ -1101,12 +1103,14 @@ def format_seconds(s):
 
 
 # -------------------------------------------------------------------------------------------------
-# 9. Evaluation and benchmark
+# 9. Evaluation, inspection and benchmark
 #
-# Test BPD is the training estimator (one t, one eps, one eps_0 per image; several on request)
-# with EMA weights and dropout off, over the *whole* test set (the official evaluator drops the
-# last partial batch). The standard error is over images. `per_t` fixes t for every image, which
-# evaluates the diffusion-loss integrand at that t (the paper's per-t comparison of VDM and DiffEnc).
+# Test BPD is the training estimator (one t, one eps, one eps_0 per image; several on request),
+# except that both boundary terms are computed exactly, with EMA weights and dropout off, over the
+# *whole* test set (the official evaluator drops the last partial batch). The standard error is
+# over images. `t_fixed` fixes t for every image, which evaluates the diffusion-loss integrand at
+# that t (the paper's per-t comparison of VDM and DiffEnc). Then the figures of the encoder, and
+# the benchmark.
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -1404,7 +1408,7 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
     t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, 0, cfg.batch_size, shape))
     print(f"bench: size={cfg.size} dataset={cfg.dataset} {shape} batch={cfg.batch_size} device={device} "
           f"threads={torch.get_num_threads()} amp={cfg.amp} compile={cfg.compile} torch={torch.__version__}")
-    results = {}
+    models, train = {}, {}
     for encoder in ("none", "fixed", "learned"):
         c = dataclasses.replace(cfg, encoder=encoder)
         torch.manual_seed(c.seed)
@@ -1416,13 +1420,20 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
         peak_memory(device, reset=True)
         flops = step_flops(lambda: train_step(model, model, ema, opt, c, 0, x, t, eps, eps_0, 1))  # also a warm-up
         step_s = median_seconds(lambda k: train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1), device, warmup, steps)
-        mem = peak_memory(device)
-        util = mfu(flops / step_s, device, c.amp)
-        model.eval()
-        # one-step sampler calls: a score-network pass plus the reverse-process update
-        s_step = median_seconds(lambda k: sample(model, sample_batch, 1, k), device, warmup, steps)
+        models[encoder], train[encoder] = model.eval(), (step_s, flops, peak_memory(device))
+        del ema, opt
+    # One-step sampler calls (a score-network pass plus the reverse-process update), interleaved
+    # none, fixed, learned, none, ... so that drift of the machine's speed hits the three alike.
+    sample_s = {e: [] for e in models}
+    for k in range(warmup + steps):
+        for e, m in models.items():
+            sample_s[e].append(median_seconds(lambda _: sample(m, sample_batch, 1, k), device, 0, 1))
+    results = {}
+    for encoder, (step_s, flops, mem) in train.items():
+        s_step = float(np.median(sample_s[encoder][warmup:]))
         results[encoder] = (step_s, s_step, flops)
-        n_params = sum(p.numel() for p in model.parameters())
+        util = mfu(flops / step_s, device, cfg.amp)
+        n_params = sum(p.numel() for p in models[encoder].parameters())
         print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  {cfg.batch_size / step_s:8.1f} img/s  "
               f"{flops / 1e9:7.1f} GFLOP/step  {flops / step_s / 1e12:6.3f} TFLOP/s" + (f"  MFU {util:5.1%}" if util is not None else "") +
               f"  peak mem {mem / 2 ** 20:6.0f} MiB  |  sample {s_step:.4f} s/step (batch {sample_batch})")
