@@ -1200,7 +1200,7 @@ def run_sample(ckpt_path, args):
     path = os.path.join(os.path.dirname(ckpt_path) or ".", f"samples_step{ckpt['step']}.png")
     write_png(path, image_grid(x, math.ceil(math.sqrt(args.n_samples))))
     n = min(args.n_samples, SAMPLE_ROWS)
-    final = x[:n].expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:n]
+    final = to_rgb(x[:n].float() / 127.5 - 1)                                # uint8 -> [-1, 1] -> the same uint8 in RGB
     panels = torch.stack([to_rgb(kept[i][:n]) for i in steps] + [final], 1)  # (n, len(steps) + 1, 3, H, W)
     write_panels(path.replace(".png", "_process.png"), panels.flatten(0, 1), len(steps) + 1)
     print(f"wrote {args.n_samples} samples ({T} steps) to {path}, and x_hat at t = {', '.join(map(str, SAMPLE_TS))} "
@@ -1319,15 +1319,17 @@ def run_inspect(ckpt_path, args):
     x = scale_pixels(data[:INSPECT_ROWS].to(device))                           # (R, C, H, W)
     R = len(x)
 
-    enc = [encoder_at(model, x, t) for t in INSPECT_TS]
-    added = torch.stack([(x_enc - a2 * x).mean(1) for x_enc, a2 in enc], 1)   # (R, n_t, H, W), channel mean
+    ts = sorted(set(INSPECT_TS) | {round(t - RATE_DT, 6) for t in RATE_TS})     # each x_phi(lambda_t) once
+    enc = {t: encoder_at(model, x, t) for t in ts}                             # t -> (x_phi, alpha_t^2)
+    phi = torch.stack([enc[t][0] for t in INSPECT_TS], 1)                      # (R, n_t, C, H, W)
+    a2 = torch.stack([enc[t][1] for t in INSPECT_TS], 1)                       # (R, n_t, 1, 1, 1)
+    added = (phi - a2 * x[:, None]).mean(2)                                    # (R, n_t, H, W), channel mean
     lim = added.abs().max().clamp(min=1e-12)
-    rows = [torch.stack([to_rgb(x_enc)[r] for x_enc, _ in enc]) for r in range(R)]
-    rows = [p for r in range(R) for p in (rows[r], bwr(added[r], lim))]       # x_phi row, then its learned part
-    write_panels(f"{prefix}_grid.png", torch.cat(rows), len(INSPECT_TS))
+    panels = torch.stack([to_rgb(phi.flatten(0, 1)), bwr(added.flatten(0, 1), lim)])  # (2, R n_t, 3, H, W)
+    panels = panels.unflatten(1, (R, len(INSPECT_TS))).transpose(0, 1)         # per image: x_phi row, learned-part row
+    write_panels(f"{prefix}_grid.png", panels.flatten(0, 2), len(INSPECT_TS))
 
-    rate = torch.stack([((encoder_at(model, x, t)[0] - encoder_at(model, x, t - RATE_DT)[0]) / RATE_DT).sum(1)
-                        for t in RATE_TS], 1)                                  # (R, n_rate, H, W)
+    rate = torch.stack([((enc[t][0] - enc[round(t - RATE_DT, 6)][0]) / RATE_DT).sum(1) for t in RATE_TS], 1)  # (R, n_rate, H, W)
     lims = rate.abs().amax(dim=(0, 2, 3)).clamp(min=1e-12)                    # one colour scale per t
     write_panels(f"{prefix}_rate.png", bwr((rate / lims[:, None, None]).flatten(0, 1), 1.0), len(RATE_TS))
 
