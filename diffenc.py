@@ -97,7 +97,9 @@ class Config:
         choices=("v", "eps"), help="what the score network predicts: v (the paper's choice) or eps"))
     schedule: str = field(default="fixed", metadata=dict(
         choices=("fixed", "scalar", "net"),
-        help="fixed: linear gamma; scalar: learned endpoints (the paper's train_scalar); net: VDM's monotone network"))
+        help="fixed: linear gamma; scalar: learned endpoints (the paper's train_scalar); net: VDM's monotone "
+             "network (in continuous time the ELBO depends only on the endpoints, so the net's shape gets "
+             "zero-mean gradients and random-walks under Adam)"))
     gamma_min: float = field(default=-13.3, metadata=dict(help="gamma(0) = -log SNR at t=0 (VDM's value)"))
     gamma_max: float = field(default=5.0, metadata=dict(help="gamma(1) = -log SNR at t=1 (VDM's value)"))
     T: int = field(default=0, metadata=dict(help="training loss: 0 = continuous time (the paper), T > 0 = T-step discrete loss"))
@@ -106,6 +108,10 @@ class Config:
     n_embd: int = field(default=128, metadata=dict(help="score U-Net channels"))
     n_layer: int = field(default=8, metadata=dict(help="score U-Net ResNet blocks per half (8 or 32 in the paper)"))
     dropout: float = field(default=0.1, metadata=dict(help="dropout in the score U-Net"))
+    norm_groups: int = field(default=32, metadata=dict(
+        help="GroupNorm groups of the score U-Net and the encoder's level blocks and attention (32: Flax's default)"))
+    enc_norm_groups: int = field(default=16, metadata=dict(
+        help="GroupNorm groups of the encoder's middle blocks and output (16: the official encoder config)"))
     enc_ch: int = field(default=64, metadata=dict(help="encoder U-Net channels at full resolution"))
     enc_levels: int = field(default=2, metadata=dict(help="encoder U-Net resolution levels (each halves H, W)"))
     enc_blocks: int = field(default=1, metadata=dict(help="encoder ResNet blocks per level"))
@@ -134,7 +140,9 @@ class Config:
 
 PRESETS = {
     # Small enough for hundreds of MNIST steps in minutes on 2 CPU cores (measured in README).
-    "tiny": dict(n_embd=32, n_layer=1, enc_ch=16, batch_size=32, log_every=10, eval_every=200,
+    # GroupNorm needs >= 2 channels per group to keep the time embedding (see group_norm): 8 groups
+    # of 4 channels in the score net, 8 and 4 groups of >= 2 channels in the encoder.
+    "tiny": dict(n_embd=32, n_layer=1, enc_ch=16, norm_groups=8, enc_norm_groups=4, batch_size=32, log_every=10, eval_every=200,
                  eval_images=1000, save_every=200, ema=0.999),
     "small": dict(),  # the defaults: the paper's DiffEnc-8-2
     # DiffEnc-32-4: 32 blocks; the paper's encoder for it is unet_mult_res_4 (2 levels x 2 blocks).
@@ -144,7 +152,7 @@ PRESETS = {
 # Fields that define the network and the likelihood: a checkpoint can only be resumed or
 # evaluated with the same values (the others, e.g. steps or lr, may change on resume).
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
-                "n_layer", "enc_ch", "enc_levels", "enc_blocks")
+                "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups")
 
 
 def validate(cfg):
@@ -273,8 +281,14 @@ def fourier_features(z, ks=(6, 7)):
 
 
 def group_norm(channels, groups):
-    # eps 1e-6 is Flax's default, which the official code uses; groups must divide channels.
-    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6)
+    """GroupNorm with Flax's eps 1e-6 (the official code's). A group of one channel would subtract
+    that channel's spatial mean, and with it the time embedding, a per-channel constant added just
+    before norm2 in every ResBlock: the network could not see t. So each group must hold >= 2."""
+    if channels % groups or channels // groups < 2:
+        raise DiffEncError(f"GroupNorm of {channels} channels cannot use {groups} groups (each group needs "
+                           f"2 or more channels, and groups must divide channels); lower --norm-groups / "
+                           f"--enc-norm-groups or raise --n-embd / --enc-ch")
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -342,7 +356,7 @@ class ScoreUNet(nn.Module):
 
     def __init__(self, cfg, channels):
         super().__init__()
-        n, groups = cfg.n_embd, 32  # GroupNorm(32) [VDM]
+        n, groups = cfg.n_embd, cfg.norm_groups  # GroupNorm(32) [VDM]
         self.gamma_min, self.gamma_max, self.n = cfg.gamma_min, cfg.gamma_max, n
         self.temb = time_mlp(n)
         self.conv_in = nn.Conv2d(5 * channels, n, 3, padding=1)  # z + 4 Fourier channels per channel
@@ -368,27 +382,35 @@ class ScoreUNet(nn.Module):
 class EncoderUNet(nn.Module):
     """The learned part of DiffEnc's encoder: (x (B, C, H, W), gamma (B,)) -> y in (-1, 1)^(C H W).
 
-    Level i has enc_ch * 2^i channels; down = ResBlocks then 2x2 max-pool; middle = ResBlock +
-    attention + ResBlock; up = 2x2 transposed conv, concat skip, ResBlocks; GN(16) + SiLU +
-    zero-init conv_out; tanh [code: unet.py, trainable_encoder_sigma3_param.py]. H and W must be
-    divisible by 2^enc_levels (28 -> 14 -> 7 for MNIST, 32 -> 16 -> 8 for CIFAR-10).
+    Level i (resolution H / 2^i) has enc_ch * 2^i channels; down = ResBlocks then 2x2 max-pool;
+    middle = ResBlock + attention + ResBlock; up = 2x2 transposed conv, concat skip, ResBlocks;
+    GN + SiLU + zero-init conv_out; tanh [code: unet.py, trainable_encoder_sigma3_param.py]. The
+    level blocks and the attention use Flax's default GroupNorm(32), the middle ResBlocks and the
+    output norm the encoder config's 16 [code: downblock.py, upblock.py, nn_blocks.py, unet.py].
+    H and W must be divisible by 2^enc_levels (28 -> 14 -> 7 for MNIST, 32 -> 16 -> 8 for CIFAR-10).
     """
 
     def __init__(self, cfg, channels):
         super().__init__()
-        c0, groups, L = cfg.enc_ch, 16, cfg.enc_levels  # GroupNorm(16) [code: unet.py]
+        c0, levels = cfg.enc_ch, cfg.enc_levels
         self.gamma_min, self.gamma_max, self.c0 = cfg.gamma_min, cfg.gamma_max, c0
         self.temb = time_mlp(c0)
-        block = lambda c_in, c_out: ResBlock(c_in, c_out, 4 * c0, groups, cfg.enc_dropout)
-        chs = [c0 * 2 ** i for i in range(L)]
+        blocks = lambda c_in, c_out, groups: nn.ModuleList(  # enc_blocks ResBlocks, c_in -> c_out
+            ResBlock(c_in if j == 0 else c_out, c_out, 4 * c0, groups, cfg.enc_dropout) for j in range(cfg.enc_blocks))
         self.conv_in = nn.Conv2d(channels, c0, 3, padding=1)
-        self.down = nn.ModuleList(nn.ModuleList([block(chs[max(i - 1, 0)] if j == 0 else chs[i], chs[i])
-                                                 for j in range(cfg.enc_blocks)]) for i in range(L))
-        self.mid1, self.attn, self.mid2 = block(chs[-1], chs[-1]), AttnBlock(chs[-1], groups), block(chs[-1], chs[-1])
-        self.upsample = nn.ModuleList(nn.ConvTranspose2d(chs[min(i + 1, L - 1)], chs[i], 2, stride=2) for i in range(L))
-        self.up = nn.ModuleList(nn.ModuleList([block(2 * chs[i] if j == 0 else chs[i], chs[i])
-                                               for j in range(cfg.enc_blocks)]) for i in range(L))
-        self.norm_out, self.conv_out = group_norm(c0, groups), nn.Conv2d(c0, channels, 3, padding=1)
+        self.down, self.upsample, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in range(levels):
+            c = c0 * 2 ** i                                      # channels at level i
+            c_above = c0 * 2 ** (i - 1) if i > 0 else c0         # arriving from level i - 1 (or conv_in)
+            c_below = c0 * 2 ** (i + 1) if i < levels - 1 else c  # arriving from level i + 1 (or the middle)
+            self.down.append(blocks(c_above, c, cfg.norm_groups))
+            self.upsample.append(nn.ConvTranspose2d(c_below, c, 2, stride=2))
+            self.up.append(blocks(2 * c, c, cfg.norm_groups))    # input: upsampled + skip
+        c_mid = c0 * 2 ** (levels - 1)
+        self.mid1 = ResBlock(c_mid, c_mid, 4 * c0, cfg.enc_norm_groups, cfg.enc_dropout)
+        self.attn = AttnBlock(c_mid, cfg.norm_groups)
+        self.mid2 = ResBlock(c_mid, c_mid, 4 * c0, cfg.enc_norm_groups, cfg.enc_dropout)
+        self.norm_out, self.conv_out = group_norm(c0, cfg.enc_norm_groups), nn.Conv2d(c0, channels, 3, padding=1)
         zero_init(self.conv_out)
 
     def forward(self, x, gamma):
@@ -535,9 +557,9 @@ def prior_loss(x_enc_1, gamma_1):
 PIXEL_GRID = 2 * (torch.arange(256) + 0.5) / 256 - 1  # the 256 values a scaled pixel can take
 
 
-def scale_pixels(x_int):
+def scale_pixels(x_int, dtype=None):
     """{0..255} -> centres of 256 bins in (-1, 1): x = 2(x_int + 0.5)/256 - 1 [code: encode_decode/util.py]."""
-    return 2 * (x_int.to(torch.get_default_dtype()) + 0.5) / 256 - 1
+    return 2 * (x_int.to(dtype or torch.get_default_dtype()) + 0.5) / 256 - 1
 
 
 def recon_loss(x_int, x_enc_0, gamma_0, eps_0):
@@ -608,62 +630,95 @@ class DiffEnc(nn.Module):
             return encoder_mean("learned", x, g, self.enc(x, gamma))
         # Forward-mode AD with tangent 1 for every sample's gamma: y and dy/dgamma in one pass,
         # exact (no finite differences) and per sample (the U-Net has no cross-batch operations).
-        y, dy = torch.func.jvp(lambda gm: self.enc(x, gm), (gamma,), (torch.ones_like(gamma),))
-        return encoder_mean("learned", x, g, y, dy)
+        y, dy_dgamma = torch.func.jvp(lambda gm: self.enc(x, gm), (gamma,), (torch.ones_like(gamma),))
+        return encoder_mean("learned", x, g, y, dy_dgamma)
+
+    def predict(self, z, gamma):
+        """The score network's output (v_hat or eps_hat, like z) in z's dtype. --amp runs it, and
+        only it, under bf16 autocast: the encoder and its jvp stay in full precision (autocast
+        does not reach the tangents of torch.func.jvp, so conv weights and inputs would disagree)."""
+        with torch.autocast(z.device.type, torch.bfloat16, enabled=self.cfg.amp):
+            return self.score(z, gamma).to(z.dtype)
 
     def forward(self, x_int, t, eps, eps_0):
         """-ELBO terms per image (nats): (diffusion, latent, recon), each (B,).
 
-        x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1); eps, eps_0: (B, C, H, W) ~ N(0, I).
+        x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1]; eps, eps_0: (B, C, H, W) ~ N(0, I).
+        The model computes in eps's dtype (float32 in training, float64 in the theory tests).
         """
-        cfg, B = self.cfg, x_int.shape[0]
-        x = scale_pixels(x_int)                                                   # (B, C, H, W)
-        gamma_t, dgamma_dt = torch.func.jvp(self.schedule, (t,), (torch.ones_like(t),))  # (B,), (B,)
-        gamma_0, gamma_1 = self.schedule(torch.tensor([0.0, 1.0], device=t.device))  # scalars
-        euler = cfg.encoder != "none"
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.amp):
-            if cfg.T == 0:
-                diff = self._continuous(x, gamma_t, dgamma_dt, eps, euler)
-            else:
-                diff = self._discrete(x, t, eps, euler)
-        if not self.training:  # evaluation: both boundary terms of every image, exactly
-            x_enc_ends, _ = self.encode(torch.cat([x, x]), torch.cat([gamma_0.expand(B), gamma_1.expand(B)]), derivative=False)
-            x_enc_0, x_enc_1 = x_enc_ends.chunk(2)
-            return diff, prior_loss(x_enc_1, gamma_1), recon_loss(x_int, x_enc_0, gamma_0, eps_0)
-        # Training: each image takes the end nearer its t and counts it twice. E_t[2 1{t >= 1/2}] = 1
-        # and t is independent of x and eps_0, so both terms stay unbiased, from one encoder call on
-        # B images instead of 2B (and half the 256-way decoder work). The terms are O(1e-3) bpd, so
-        # the added variance is negligible next to the diffusion term's.
-        far = t >= 0.5                                                             # (B,): t = 1 end
+        B = x_int.shape[0]
+        x = scale_pixels(x_int, eps.dtype)                                                # (B, C, H, W)
+        gamma_0, gamma_1 = self.schedule(torch.tensor([0.0, 1.0], device=t.device, dtype=t.dtype))
+        if self.training:  # 1. and 2., estimated from the end nearer each image's t
+            recon, latent = self._boundary_terms_estimate(x_int, x, t, eps_0, gamma_0, gamma_1)
+        else:              # 1. and 2., exactly: x_phi at both ends for every image
+            ends = self.encode(torch.cat([x, x]), torch.cat([gamma_0.expand(B), gamma_1.expand(B)]), False)[0]
+            x_enc_0, x_enc_1 = ends.chunk(2)                                              # (B, C, H, W) each
+            recon = recon_loss(x_int, x_enc_0, gamma_0, eps_0)    # 1. reconstruction, -log p(x | z_0)
+            latent = prior_loss(x_enc_1, gamma_1)                 # 2. prior, KL(q(z_1 | x) || N(0, I))
+        # 3. diffusion, 0 < t < 1: the continuous-time loss (the paper) or the exact T-step loss.
+        diff = self._continuous(x, t, eps) if self.cfg.T == 0 else self._discrete(x, t, eps)
+        return diff, latent, recon
+
+    def _boundary_terms_estimate(self, x_int, x, t, eps_0, gamma_0, gamma_1):
+        """Training's unbiased estimate of the reconstruction and prior terms from ONE encoder
+        call on the batch: each image pays the term of the end nearer its t, counted twice.
+
+        Why unbiased: t ~ U[0, 1) is independent of x and eps_0, and E_t[2 * 1{t >= 1/2}] =
+        E_t[2 * 1{t < 1/2}] = 1, so E_t[2 * 1{t >= 1/2} * prior] = prior (the same for recon).
+        Evaluation computes both terms exactly. The terms are O(1e-3) bpd, so the added variance
+        is negligible next to the diffusion term's; the saving is a second encoder call on B
+        images and half the 256-way decoder's work. Returns (recon, latent), each (B,).
+        """
+        far = t >= 0.5                                                    # (B,): the t = 1 end
         x_enc_end, _ = self.encode(x, torch.where(far, gamma_1, gamma_0), derivative=False)
         latent = torch.where(far, 2 * prior_loss(x_enc_end, gamma_1), 0.0)
         near = ~far
-        recon = x.new_zeros(B).index_put((near,), 2 * recon_loss(x_int[near], x_enc_end[near], gamma_0, eps_0[near]))
-        return diff, latent, recon
+        recon_near = 2 * recon_loss(x_int[near], x_enc_end[near], gamma_0, eps_0[near])
+        return x.new_zeros(len(x)).index_put((near,), recon_near), latent
 
-    def _continuous(self, x, gamma_t, dgamma_dt, eps, euler):
+    def _continuous(self, x, t, eps):
+        """The continuous-time diffusion loss at one t per image (section 4), (B,) nats."""
+        gamma_t, dgamma_dt = torch.func.jvp(self.schedule, (t,), (torch.ones_like(t),))  # (B,), (B,)
         g = gamma_t[:, None, None, None]
         alpha, sigma = alpha_sigma(g)
-        x_enc, dx_enc = self.encode(x, gamma_t, derivative=True)
-        z_t = alpha * x_enc + sigma * eps                                        # q(z_t | x)
-        out = self.score(z_t, gamma_t).float()
+        x_enc, dx_enc = self.encode(x, gamma_t, derivative=True)                # x_phi, dx_phi/dlambda
+        z_t = alpha * x_enc + sigma * eps                                        # ~ q(z_t | x)
+        out = self.predict(z_t, gamma_t)
         x_hat = predict_x(out, z_t, alpha, sigma, self.cfg.param)
-        dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)        # model of dx_phi/dlambda
+        euler = self.cfg.encoder != "none"                                       # model of dx_phi/dlambda
+        dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)
         err = scaled_error(out, eps, x_enc, alpha, sigma, self.cfg.param)
         return diffusion_loss_continuous(dgamma_dt[:, None, None, None], alpha, sigma, err, dx_enc, dx_hat)
 
-    def _discrete(self, x, t, eps, euler):
-        T, B = self.cfg.T, x.shape[0]
-        i = torch.floor(t * T) + 1                                               # step index in 1..T
-        gammas = self.schedule(torch.cat([(i - 1) / T, i / T]))                  # (2B,): s then t
-        x_encs, _ = self.encode(torch.cat([x, x]), gammas, derivative=False)     # exact increment
-        gamma_s, gamma_t = gammas[:B, None, None, None], gammas[B:, None, None, None]
-        (x_enc_s, x_enc_t), (alpha_t, sigma_t) = x_encs.chunk(2), alpha_sigma(gamma_t)
+    def _discrete(self, x, t, eps):
+        """T times the KL of the step that contains t, (B,) nats: an unbiased estimate of L_T."""
+        T = self.cfg.T
+        i = (torch.floor(t * T) + 1).clamp(max=T)             # step i covers [(i-1)/T, i/T); t = 1 -> T
+        gamma_s, gamma_t = self.schedule((i - 1) / T), self.schedule(i / T)       # (B,) each
+        # x_phi at s and at t from the same dropout mask: their difference is divided by
+        # kappa ~ 18/T, so independent masks would turn dropout noise into a loss growing as T^2.
+        x_enc_s, x_enc_t = (e for e, _ in same_dropout_mask(
+            x.device, lambda: self.encode(x, gamma_s, False), lambda: self.encode(x, gamma_t, False)))
+        gamma_s, gamma_t = gamma_s[:, None, None, None], gamma_t[:, None, None, None]
+        alpha_t, sigma_t = alpha_sigma(gamma_t)
         z_t = alpha_t * x_enc_t + sigma_t * eps
-        out = self.score(z_t, gammas[B:]).float()
+        out = self.predict(z_t, gamma_t.flatten())
         x_hat = predict_x(out, z_t, alpha_t, sigma_t, self.cfg.param)
         err = scaled_error(out, eps, x_enc_t, alpha_t, sigma_t, self.cfg.param)
+        euler = self.cfg.encoder != "none"
         return T * diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat, euler)
+
+
+def same_dropout_mask(device, *calls):
+    """Run each call from the same random state, so that dropout draws the same mask in all of
+    them (their tensors must have the same shapes); afterwards the state has moved on as after
+    one call. Returns the calls' results."""
+    outs = []
+    for call in calls[:-1]:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+            outs.append(call())
+    return outs + [calls[-1]()]
 
 
 def bits_per_dim(terms, image_shape):
@@ -683,21 +738,21 @@ def bits_per_dim(terms, image_shape):
 @torch.no_grad()
 def sample(model, n, T, seed, keep=()):
     """n samples with T steps. Returns (x (n, C, H, W) uint8, {step i: x_hat at t = i/T} for i in keep)."""
-    device = next(model.score.parameters()).device
-    g = rng(seed, 3)  # noise drawn on the CPU: the same samples on every device
-    z = torch.randn((n, *model.image_shape), generator=g).to(device)             # z_1
-    gammas = model.schedule(torch.linspace(0, 1, T + 1, device=device))        # (T + 1,)
+    device, dtype = model.schedule.b.device, model.schedule.b.dtype
+    g = rng(seed, RNG["sample"])  # noise drawn on the CPU: the same samples on every device
+    noise = lambda: torch.randn((n, *model.image_shape), generator=g, dtype=dtype).to(device)
+    z = noise()                                                                 # z_1 ~ N(0, I)
+    gammas = model.schedule(torch.linspace(0, 1, T + 1, device=device, dtype=dtype))  # (T + 1,)
     kept, euler = {}, model.cfg.encoder != "none"
     for i in range(T, 0, -1):
         gamma_t, gamma_s = gammas[i], gammas[i - 1]
         alpha_t, sigma_t = alpha_sigma(gamma_t)
-        with torch.autocast(device.type, torch.bfloat16, enabled=model.cfg.amp):
-            out = model.score(z, gamma_t.expand(n)).float()
+        out = model.predict(z, gamma_t.expand(n))
         x_hat = predict_x(out, z, alpha_t, sigma_t, model.cfg.param)           # (n, C, H, W)
         if i in keep:
             kept[i] = x_hat.cpu()
         mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, euler)
-        z = mean + var.sqrt() * torch.randn(z.shape, generator=g).to(device)   # the last step is stochastic too
+        z = mean + var.sqrt() * noise()                                         # the last step is stochastic too
     return decode(z, gammas[0]).cpu(), kept
 
 
@@ -745,6 +800,11 @@ def rng(*keys):
     """A CPU torch.Generator seeded by a tuple of ints: every random draw in training and
     evaluation is a pure function of (seed, step, ...), which makes resume exact."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]))
+
+
+# The streams of rng(seed, ..., stream): each kind of randomness has its own, so that drawing more
+# of one never shifts another.
+RNG = dict(order=1, train_noise=2, sample=3, dropout=4, eval_noise=5, bench=6)
 
 
 def download(url, path):
@@ -820,18 +880,33 @@ def batch_indices(n, batch_size, step, seed):
     """Indices of the global batch for `step`: epoch e uses a permutation seeded by (seed, e); the
     last n mod batch_size images of each epoch are left out of that epoch (training only)."""
     epoch, k = divmod(step, n // batch_size)
-    perm = torch.randperm(n, generator=rng(seed, epoch, 1))
+    perm = torch.randperm(n, generator=rng(seed, epoch, RNG["order"]))
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
-def draw_noise(seed, step, n_total, image_shape, offset=0, n=None, purpose=2):
-    """t (n,), eps and eps_0 (n, C, H, W) for samples offset .. offset+n-1 of a batch of n_total:
-    drawn for the whole batch so that every DDP world size sees the same numbers."""
+def draw_noise(seed, step, n_total, image_shape, offset=0, n=None):
+    """Training: t (n,), eps and eps_0 (n, C, H, W) for samples offset .. offset+n-1 of a batch of
+    n_total: drawn for the whole batch so that every DDP world size sees the same numbers."""
     n = n_total if n is None else n
-    g = rng(seed, step, purpose)
+    g = rng(seed, step, RNG["train_noise"])
     t = low_discrepancy_times(torch.rand(1, generator=g), n_total, offset, n)
     eps = torch.randn((n_total, *image_shape), generator=g)[offset:offset + n]
     eps_0 = torch.randn((n_total, *image_shape), generator=g)[offset:offset + n]
+    return t, eps, eps_0
+
+
+GOLDEN = (math.sqrt(5) - 1) / 2  # the Weyl sequence frac(u + i * GOLDEN) is evenly spread for every n
+
+
+def eval_noise(seed, indices, image_shape, draw=0):
+    """Evaluation: t (N,), eps and eps_0 (N, C, H, W) for the test images with these indices (N,),
+    each a function of (seed, draw, image index) alone, so that every checkpoint and every batch
+    size sees the same numbers and comparisons are paired. t_i = frac(u + i * GOLDEN) spreads t
+    over [0, 1) as evenly as training's low-discrepancy t, for any prefix of the test set."""
+    u = torch.rand(1, generator=rng(seed, draw, RNG["eval_noise"]), dtype=torch.float64)
+    t = torch.remainder(u + indices.double() * GOLDEN, 1.0).to(torch.get_default_dtype())
+    gens = [rng(seed, draw, int(i), RNG["eval_noise"]) for i in indices]
+    eps, eps_0 = (torch.stack([torch.randn(image_shape, generator=g) for g in gens]) for _ in range(2))
     return t, eps, eps_0
 
 
@@ -980,8 +1055,7 @@ def train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world):
     bpd, shape (3,); the weights are left untouched when that is not finite."""
     for group in opt.param_groups:
         group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
-    diff, latent, recon = net(x, t, eps, eps_0)
-    terms = torch.stack([diff.mean(), latent.mean(), recon.mean()]) / (math.prod(model.image_shape) * math.log(2))
+    terms = torch.stack([bits_per_dim([a], model.image_shape).mean() for a in net(x, t, eps, eps_0)])  # (3,)
     report = terms.detach().clone()
     if world > 1:
         dist.all_reduce(report)
@@ -1056,7 +1130,7 @@ def _train_loop(cfg, rank, world, device, data, test, model, ema, opt, net, step
     while step < cfg.steps:
         x = data[batch_indices(len(data), cfg.batch_size, step, cfg.seed)][rank * B:(rank + 1) * B].to(device)
         t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, step, cfg.batch_size, model.image_shape, rank * B, B))
-        torch.manual_seed(int(rng(cfg.seed, step, rank, 4).initial_seed()))  # dropout masks
+        torch.manual_seed(int(rng(cfg.seed, step, rank, RNG["dropout"]).initial_seed()))  # dropout masks
         report = train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world)
         if not torch.isfinite(report).all():
             if cfg.skip_nonfinite:
@@ -1116,19 +1190,20 @@ def format_seconds(s):
 @torch.no_grad()
 def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None):
     """Per-image (diffusion, latent, recon) in bpd, averaged over `samples` draws: (N, 3) float64."""
-    device = next(model.parameters()).device
+    p = next(model.parameters())
     N = min(n_images or len(data), len(data))
     rows = []
     for b0 in range(0, N, batch_size):
-        x = data[b0:min(b0 + batch_size, N)].to(device)
+        idx = torch.arange(b0, min(b0 + batch_size, N))                       # (b,) test-set indices
+        x = data[idx].to(p.device)                                            # (b, C, H, W) uint8
         acc = torch.zeros(len(x), 3, dtype=torch.float64)
         for k in range(samples):
-            t, eps, eps_0 = draw_noise(seed, b0, len(x), model.image_shape, purpose=5 + k)
+            t, eps, eps_0 = (a.to(p.device, p.dtype) for a in eval_noise(seed, idx, model.image_shape, k))
             t = torch.full_like(t, t_fixed) if t_fixed is not None else t
-            terms = model(x, t.to(device), eps.to(device), eps_0.to(device))
+            terms = model(x, t, eps, eps_0)
             acc += torch.stack(terms, 1).double().cpu()
         rows.append(acc / samples)
-    return torch.cat(rows) / (math.prod(model.image_shape) * math.log(2))
+    return bits_per_dim([torch.cat(rows)], model.image_shape)
 
 
 PER_T = np.linspace(0, 1, 11)  # t in {0, 0.1, ..., 1} [code: evaluator.py, --per-t-step=0.1]
@@ -1137,7 +1212,7 @@ PER_T = np.linspace(0, 1, 11)  # t in {0, 0.1, ..., 1} [code: evaluator.py, --pe
 def run_eval(ckpt_paths, args):
     """Test bpd of each checkpoint; with args.per_t also the diffusion-loss integrand at every t in
     PER_T, written as a CSV and a plot beside the first checkpoint. Every checkpoint sees the same
-    images and the same eps (draw_noise is a function of the seed), so differences between two
+    images, t and eps (eval_noise is a function of the seed and the image index), so differences between two
     checkpoints are paired and their standard error is that of the per-image differences."""
     se = lambda a: (a.std() / math.sqrt(len(a))).item() if len(a) > 1 else float("nan")
     curves, totals = [], []
@@ -1406,7 +1481,7 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
     device = pick_device()
     settle_speed(cfg, device)
     shape = IMAGE_SHAPES[cfg.dataset]
-    x = torch.randint(0, 256, (cfg.batch_size, *shape), generator=rng(cfg.seed, 6)).to(device)
+    x = torch.randint(0, 256, (cfg.batch_size, *shape), generator=rng(cfg.seed, RNG["bench"])).to(device)
     t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, 0, cfg.batch_size, shape))
     print(f"bench: size={cfg.size} dataset={cfg.dataset} {shape} batch={cfg.batch_size} device={device} "
           f"threads={torch.get_num_threads()} amp={cfg.amp} compile={cfg.compile} torch={torch.__version__}")
