@@ -65,6 +65,11 @@ import urllib.request
 import zlib
 from dataclasses import dataclass, field
 
+try:
+    import fcntl  # locks the run folder (POSIX)
+except ImportError:
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -88,7 +93,8 @@ class DiffEncError(Exception):
 @dataclass
 class Config:
     # what to model
-    dataset: str = field(default="cifar10", metadata=dict(help="cifar10 | mnist | synthetic (set by --train)"))
+    dataset: str = field(default="cifar10", metadata=dict(
+        choices=("cifar10", "mnist", "synthetic"), help="the data set (set by --train or --bench)"))
     data_dir: str = field(default="./data", metadata=dict(help="where data sets are cached / looked for"))
     encoder: str = field(default="learned", metadata=dict(
         choices=("none", "fixed", "learned"),
@@ -155,18 +161,50 @@ MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_m
                 "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups")
 
 
+# What each field's value must be: every Config field has a rule here, a list of choices, or is a
+# bool (test_every_config_field_rejects_an_out_of_range_value checks that), so no field can be
+# left unchecked. Widths that GroupNorm cannot split, and images that the encoder's levels cannot
+# halve, are refused when the model is built.
+POSITIVE = (lambda v: 0 < v < math.inf, "positive")
+UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+GAMMA = (lambda v: -30 <= v <= 30, "in [-30, 30] (beyond, alpha or sigma is below float32's resolution of 1)")
+RULES = dict(
+    data_dir=(lambda v: v != "" and not os.path.isfile(v), "a folder, not a file"),
+    gamma_min=GAMMA, gamma_max=GAMMA,
+    T=(lambda v: v >= 0, "0 (continuous time) or a positive number of steps"),
+    n_embd=POSITIVE, n_layer=POSITIVE, norm_groups=POSITIVE, enc_ch=POSITIVE, enc_levels=POSITIVE,
+    enc_blocks=POSITIVE, enc_norm_groups=POSITIVE, dropout=UNIT, enc_dropout=UNIT,
+    steps=POSITIVE, batch_size=POSITIVE, lr=POSITIVE,
+    warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
+    weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
+    clip=(lambda v: 0 <= v < math.inf, "0 (off) or a positive gradient norm"),
+    ema=UNIT, seed=(lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"), out=(lambda v: v != "", "a folder"),
+    log_every=POSITIVE, eval_every=POSITIVE, save_every=POSITIVE, sample_steps=POSITIVE,
+    eval_images=(lambda v: v >= 0, "0 (all) or a positive number of images"),
+)
+
+
+def check_field(name, value):
+    """Refuse a value that a Config field cannot take, naming the flag and what it must be."""
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    if f.type is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif "choices" in f.metadata:
+        ok, what = value in f.metadata["choices"], f"one of {', '.join(f.metadata['choices'])}"
+    else:
+        test, what = RULES[name]
+        ok = test(value)
+    if not ok:
+        flag = "the data set" if name == "dataset" else "--" + name.replace("_", "-")
+        raise DiffEncError(f"{flag} must be {what}, got {value!r}")
+
+
 def validate(cfg):
     """Reject settings that cannot work, with the fix in the message."""
-    for name in ("steps", "batch_size", "log_every", "eval_every", "save_every", "sample_steps",
-                 "n_embd", "n_layer", "enc_ch", "enc_levels", "enc_blocks"):
-        if getattr(cfg, name) <= 0:
-            raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.T < 0:
-        raise DiffEncError(f"--T must be 0 (continuous time) or a positive number of steps, got {cfg.T}")
+    for f in dataclasses.fields(cfg):
+        check_field(f.name, getattr(cfg, f.name))
     if not cfg.gamma_min < cfg.gamma_max:
         raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max ({cfg.gamma_max})")
-    if not 0 <= cfg.ema < 1:
-        raise DiffEncError(f"--ema must be in [0, 1), got {cfg.ema}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -919,13 +957,16 @@ def eval_noise(seed, indices, image_shape, draw=0):
 # network and schedule are one module trained jointly on the bpd.
 # Reproducibility: data order, t, eps and dropout masks are functions of (seed, step), so a run
 # resumed from a checkpoint repeats the uninterrupted run bit for bit (on the same machine).
-# Robustness: checkpoints are written to a temporary file, fsynced and renamed (a kill at any
-# instant leaves the last good one); Ctrl-C and SIGTERM finish the step, save and exit; a
-# non-finite loss stops before it can touch the weights. Data parallel via torchrun: rank r takes
-# its slice of the global batch and of the global noise; DDP averages the gradients.
+# Robustness: checkpoints carry a digest of their content and are written to a temporary file,
+# fsynced and renamed (a kill at any instant leaves the last good one); log.csv is cut back to the
+# checkpoint's step on resume; a lock keeps a second run out of the folder; Ctrl-C and SIGTERM
+# finish the step, save and exit; a non-finite loss stops before it can touch the weights. Data
+# parallel via torchrun: rank r takes its slice of the global batch and of the global noise; DDP
+# averages the gradients.
 # -------------------------------------------------------------------------------------------------
 
-CKPT_FORMAT = 1  # bump when the checkpoint layout changes
+CKPT_FORMAT = 2  # bump when the checkpoint layout changes (2: content digest, log window)
+MAX_SKIPPED = 10  # --skip-nonfinite gives up after this many non-finite losses in a row
 
 
 def atomic_write(path, write):
@@ -944,17 +985,43 @@ def atomic_write(path, write):
         raise
 
 
+def content_digest(obj, h=None):
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other
+    value's repr, walked in a fixed order. torch.load does not check the zip's CRCs, so without
+    it a flipped byte in a weight would load silently."""
+    h = hashlib.sha256() if h is None else h
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            content_digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for v in obj:
+            content_digest(v, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(state, path):
-    """Write a checkpoint atomically; on an OS error (disk full, ...) say so and keep the old one."""
+    """Write a checkpoint, with its content digest, atomically. If the write fails (disk full, file
+    too large; torch.save raises RuntimeError for some of these) say so, keep the old file there and
+    return False."""
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save({**state, "sha256": content_digest(state)}, f))
         return True
-    except OSError as e:
-        print(f"diffenc: could not write {path} ({e.strerror or e}); the previous checkpoint there is intact", file=sys.stderr)
+    except (OSError, RuntimeError) as e:
+        reason = str(getattr(e, "strerror", None) or e).splitlines()[0]
+        print(f"diffenc: could not write {path} ({reason}); the previous file there is intact", file=sys.stderr)
         return False
 
 
 def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint, its digest verified, or a one-line DiffEncError."""
     if not os.path.isfile(path):
         raise DiffEncError(f"no checkpoint at {path}; check the path (train with --train first)")
     try:
@@ -963,7 +1030,11 @@ def load_checkpoint(path):
         raise DiffEncError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or corrupt); "
                            f"use another checkpoint of the run (e.g. best.pt)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise DiffEncError(f"{path} is not a diffenc checkpoint (format {CKPT_FORMAT}); pass a latest.pt or best.pt written by diffenc.py")
+        raise DiffEncError(f"{path} is not a diffenc checkpoint of format {CKPT_FORMAT}; pass a latest.pt or "
+                           f"best.pt written by this diffenc.py")
+    if ckpt.pop("sha256", None) != content_digest(ckpt):
+        raise DiffEncError(f"{path} is corrupt: its content does not match the digest saved with it; "
+                           f"use another checkpoint of the run (e.g. best.pt)")
     return ckpt
 
 
@@ -1036,18 +1107,58 @@ def settle_speed(cfg, device):
 
 
 def prepare_out(cfg):
-    """Create --out, prove it writable, and never let a fresh run overwrite an old run's checkpoint."""
+    """Create --out (but not for a --resume of a folder without a checkpoint), prove it writable,
+    lock it against a second run, and never let a fresh run overwrite an old run's checkpoint.
+    Returns the lock, which the run holds until it ends."""
+    latest = os.path.join(cfg.out, "latest.pt")
+    if cfg.resume and not os.path.exists(latest):
+        raise DiffEncError(f"--resume: no checkpoint at {latest}; drop --resume to start a new run")
     try:
         os.makedirs(cfg.out, exist_ok=True)
         atomic_write(os.path.join(cfg.out, ".write-test"), lambda f: f.write(b"ok"))
         os.remove(os.path.join(cfg.out, ".write-test"))
     except OSError as e:
         raise DiffEncError(f"cannot write to --out {cfg.out} ({e.strerror or e}); choose a writable folder") from None
-    latest = os.path.join(cfg.out, "latest.pt")
+    lock = lock_run_folder(cfg.out)
     if os.path.exists(latest) and not cfg.resume:
+        lock.close()
         raise DiffEncError(f"{cfg.out} already holds a run ({latest}); add --resume to continue it, or choose another --out")
-    if cfg.resume and not os.path.exists(latest):
-        raise DiffEncError(f"--resume: no checkpoint at {latest}; drop --resume to start a new run")
+    return lock
+
+
+def lock_run_folder(out):
+    """An exclusive lock on out/run.lock, held while this process lives. The kernel drops it when
+    the process ends, however it ends, so a killed run's lock never blocks a resume. The file
+    holds the owner's process id, which a refused second run names. (POSIX; no lock on Windows.)"""
+    f = open(os.path.join(out, "run.lock"), "a+")
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise DiffEncError(f"{out} is in use by another training run (process {owner}); wait for it to end, "
+                           f"or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+LOG_HEADER = "step,bpd,diffusion,latent,recon,lr"
+
+
+def open_log(path, step):
+    """log.csv cut back to the complete rows of steps <= step, opened for appending: rows that a
+    killed run wrote after its last checkpoint are written again after the resume, once."""
+    rows = open(path).read().splitlines()[1:] if os.path.exists(path) else []
+    n_fields = LOG_HEADER.count(",") + 1
+    keep = [r for r in rows if r.count(",") + 1 == n_fields and int(r.split(",")[0]) <= step]
+    atomic_write(path, lambda f: f.write("".join(r + "\n" for r in [LOG_HEADER] + keep).encode()))
+    return open(path, "a")
 
 
 def train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world):
@@ -1072,103 +1183,113 @@ def train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world):
 
 
 def train(cfg):
+    """Train on cfg.dataset until cfg.steps, resuming from cfg.out/latest.pt with cfg.resume.
+    Stops at the last step, on SIGINT/SIGTERM (after saving) or on a non-finite loss."""
     validate(cfg)
     rank, world, device = setup_distributed()
     settle_speed(cfg, device)
     if cfg.batch_size % world:
         raise DiffEncError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes; pick a multiple of {world}")
-    data = load_dataset(cfg.dataset, cfg.data_dir, "train")
+    data = load_dataset(cfg.dataset, cfg.data_dir, "train")                   # (N, C, H, W) uint8
     test = load_dataset(cfg.dataset, cfg.data_dir, "test")
     if len(data) < cfg.batch_size:
         raise DiffEncError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images; lower it")
-    if rank == 0:
-        prepare_out(cfg)
-    latest = os.path.join(cfg.out, "latest.pt")
-    torch.manual_seed(cfg.seed)  # initial weights
+    torch.manual_seed(cfg.seed)  # initial weights; a network that cannot be built fails before --out is touched
     model = DiffEnc(cfg, data.shape[1:]).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, cfg, device)
-    step, best = 0, math.inf
-    if cfg.resume:
-        ckpt = load_checkpoint(latest)
-        check_compatible(ckpt["config"], cfg, latest)
-        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        step, best = ckpt["step"], ckpt["best_bpd"]
-    if cfg.compile:
-        model.score.compile()  # in place: state_dict keys stay the same
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    stop = []  # the signal that asked us to stop, if any
-    def on_signal(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(os.path.join(cfg.out, "log.csv"), "a") if rank == 0 else None
+    lock = log = None
+    previous = {}  # the signal handlers to restore
     try:
-        return _train_loop(cfg, rank, world, device, data, test, model, ema, opt, net, step, best, stop, log)
+        lock = prepare_out(cfg) if rank == 0 else None
+        latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
+        step, best, saved = 0, math.inf, None           # saved: the step latest.pt holds (None: none yet)
+        window, n_window = torch.zeros(3, dtype=torch.float64), 0  # sum of the reports since the last row
+        if cfg.resume:
+            ckpt = load_checkpoint(latest)
+            check_compatible(ckpt["config"], cfg, latest)
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            step, best, saved, n_window = ckpt["step"], ckpt["best_bpd"], ckpt["step"], ckpt["n_window"]
+            window = ckpt["window"]
+        if cfg.compile:
+            model.score.compile()  # in place: state_dict keys stay the same
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), image_shape=list(model.image_shape),
+                             step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                             best_bpd=best, window=window, n_window=n_window)
+        holds = lambda: f"{latest} holds step {saved}" if saved is not None else "no checkpoint was written yet"
+        stop = []  # the signal that asked us to stop, if any
+        def on_signal(signum, frame):
+            stop.append(signum)
+            signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        log = open_log(os.path.join(cfg.out, "log.csv"), step) if rank == 0 else None
+        B, t0, start_step, skipped = cfg.batch_size // world, time.time(), step, 0
+        if rank == 0:
+            print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, encoder={cfg.encoder}, param={cfg.param}, "
+                  f"schedule={cfg.schedule}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+                  f"device={device}, world={world}, from step {step} to {cfg.steps}", flush=True)
+        while step < cfg.steps:
+            x = data[batch_indices(len(data), cfg.batch_size, step, cfg.seed)][rank * B:(rank + 1) * B].to(device)
+            t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, step, cfg.batch_size, model.image_shape, rank * B, B))
+            torch.manual_seed(int(rng(cfg.seed, step, rank, RNG["dropout"]).initial_seed()))  # dropout masks
+            report = train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world)   # (3,) bpd
+            if torch.isfinite(report).all():
+                window, n_window, skipped = window + report.double(), n_window + 1, 0
+            elif not cfg.skip_nonfinite:
+                raise SystemExit(f"diffenc: non-finite loss ({report.sum().item()}) at step {step + 1}; the weights were not "
+                                 f"changed and {holds()}. Lower --lr, set --clip 1, or add --skip-nonfinite"
+                                 + (", then --resume" if saved is not None else ", then run again"))
+            else:
+                skipped += 1
+                print(f"diffenc: non-finite loss at step {step + 1}; batch skipped (--skip-nonfinite)", file=sys.stderr)
+                if skipped == MAX_SKIPPED:
+                    raise SystemExit(f"diffenc: {skipped} non-finite losses in a row up to step {step + 1}: the run does not "
+                                     f"recover; {holds()}. Lower --lr or set --clip 1")
+            step += 1
+            if world > 1:  # every rank stops at the same step when any got a signal
+                flag = torch.tensor([float(bool(stop))], device=device)
+                dist.all_reduce(flag)
+                stop += [signal.SIGTERM] if flag.item() and not stop else []
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if rank == 0 and n_window:  # the mean over the window's finite steps
+                    d, l, r = (window / n_window).tolist()
+                    rate = (step - start_step) / (time.time() - t0)
+                    lr = opt.param_groups[0]["lr"]
+                    log.write(f"{step},{d + l + r!r},{d!r},{l!r},{r!r},{lr!r}\n")
+                    log.flush()
+                    print(f"step {step}/{cfg.steps} | bpd {d + l + r:.4f} (diff {d:.4f} latent {l:.5f} recon {r:.5f}) | "
+                          f"lr {lr:.1e} | {rate:.2f} it/s | ETA {format_seconds((cfg.steps - step) / rate)}", flush=True)
+                window, n_window = torch.zeros(3, dtype=torch.float64), 0
+            if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+                bpd = evaluate(ema, test, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1).mean().item()
+                print(f"step {step} | test bpd {bpd:.4f} (EMA, {cfg.eval_images or len(test)} images)", flush=True)
+                if bpd < best:
+                    best = bpd
+                    save_checkpoint(state(), best_path)
+            last = step == cfg.steps or bool(stop)
+            if rank == 0 and (step % cfg.save_every == 0 or last):
+                if save_checkpoint(state(), latest):
+                    saved = step
+                elif last:
+                    raise SystemExit(f"diffenc: the final checkpoint of step {step} could not be written; {holds()}"
+                                     + ("; continue from there with --resume" if saved is not None else ""))
+            if stop:
+                if rank == 0:
+                    print(f"diffenc: stopped by {signal.Signals(stop[0]).name} after step {step}; {holds()}. "
+                          f"Continue with the same command plus --resume", file=sys.stderr)
+                raise SystemExit(128 + stop[0])
+        return model, ema
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if log is not None:
-            log.close()
+        for f in (log, lock):
+            if f is not None:
+                f.close()
         if world > 1:
             dist.destroy_process_group()
-
-
-def _train_loop(cfg, rank, world, device, data, test, model, ema, opt, net, step, best, stop, log):
-    """The loop of train(): log, evaluate, checkpoint; stops at cfg.steps, on a signal or a NaN."""
-    latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
-    state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), image_shape=list(model.image_shape),
-                         step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), best_bpd=best)
-    if log is not None and log.tell() == 0:
-        log.write("step,bpd,diffusion,latent,recon,lr\n")
-    B = cfg.batch_size // world
-    window, t0, start_step = torch.zeros(3, dtype=torch.float64), time.time(), step
-    if rank == 0:
-        print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, encoder={cfg.encoder}, param={cfg.param}, "
-              f"schedule={cfg.schedule}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"device={device}, world={world}, from step {step} to {cfg.steps}", flush=True)
-    while step < cfg.steps:
-        x = data[batch_indices(len(data), cfg.batch_size, step, cfg.seed)][rank * B:(rank + 1) * B].to(device)
-        t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, step, cfg.batch_size, model.image_shape, rank * B, B))
-        torch.manual_seed(int(rng(cfg.seed, step, rank, RNG["dropout"]).initial_seed()))  # dropout masks
-        report = train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world)
-        if not torch.isfinite(report).all():
-            if cfg.skip_nonfinite:
-                print(f"diffenc: non-finite loss at step {step}; batch skipped (--skip-nonfinite)", file=sys.stderr)
-                step += 1
-                continue
-            raise SystemExit(f"diffenc: non-finite loss ({report.sum().item()}) at step {step}; the last good checkpoint "
-                             f"{latest} is untouched. Lower --lr, set --clip 1, or add --skip-nonfinite, then --resume")
-        step += 1
-        window += report.double()
-        if world > 1:  # every rank stops at the same step when any got a signal
-            flag = torch.tensor([float(bool(stop))], device=device)
-            dist.all_reduce(flag)
-            stop += [signal.SIGTERM] if flag.item() and not stop else []
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            n = (step - 1) % cfg.log_every + 1
-            d, l, r = (window / n).tolist()
-            rate = (step - start_step) / (time.time() - t0)
-            lr = opt.param_groups[0]["lr"]
-            log.write(f"{step},{d + l + r!r},{d!r},{l!r},{r!r},{lr!r}\n"), log.flush()
-            print(f"step {step}/{cfg.steps} | bpd {d + l + r:.4f} (diff {d:.4f} latent {l:.5f} recon {r:.5f}) | "
-                  f"lr {lr:.1e} | {rate:.2f} it/s | ETA {format_seconds((cfg.steps - step) / rate)}", flush=True)
-        if step % cfg.log_every == 0:
-            window.zero_()
-        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-            bpd = evaluate(ema, test, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1).mean().item()
-            print(f"step {step} | test bpd {bpd:.4f} (EMA, {cfg.eval_images or len(test)} images)", flush=True)
-            if bpd < best:
-                best = bpd
-                save_checkpoint(state(), best_path)
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or stop):
-            save_checkpoint(state(), latest)
-        if stop:
-            if rank == 0:
-                print(f"diffenc: stopped by {signal.Signals(stop[0]).name} after step {step}; checkpoint {latest}. "
-                      f"Continue with the same command plus --resume", file=sys.stderr)
-            raise SystemExit(128 + stop[0])
-    return model, ema
 
 
 def format_seconds(s):
@@ -1562,29 +1683,32 @@ def config_from_args(args, dataset):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        for f in dataclasses.fields(Config):  # every flag given, in every mode, by the same rules
+            if getattr(args, f.name, None) is not None:
+                check_field(f.name, getattr(args, f.name))
+        for name in ("n_samples", "eval_samples"):
+            if getattr(args, name) <= 0:
+                raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.per_t and not args.eval:
             raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
         if args.train:
             train(config_from_args(args, args.train))
         elif args.eval:
-            if args.eval_samples <= 0:
-                raise DiffEncError(f"--eval-samples must be positive, got {args.eval_samples}")
             run_eval(args.eval, args)
         elif args.sample:
-            if args.n_samples <= 0:
-                raise DiffEncError(f"--n-samples must be positive, got {args.n_samples}")
             run_sample(args.sample, args)
         elif args.inspect:
             run_inspect(args.inspect, args)
         else:
             cfg = config_from_args(args, args.bench)
             validate(cfg)
-            if cfg.dataset not in IMAGE_SHAPES:
-                raise DiffEncError(f"unknown data set '{cfg.dataset}'; choose one of {', '.join(IMAGE_SHAPES)}")
             bench(cfg)
     except DiffEncError as e:
         print(f"diffenc: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler, or in --eval/--sample
+        print("diffenc: interrupted; nothing was written that is not complete", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -698,18 +698,24 @@ def test_training_estimate_of_the_boundary_terms_is_unbiased():
 # ----------------------------------------------------------------------------- 8. schedules and encoders
 
 
-def random_schedule(kind, seed, scale):
-    """A schedule of this kind whose learned parameters are moved by N(0, scale^2) noise: any
-    values training could reach, negative weights and a negative w included."""
+def random_schedule(kind, seed, scale, w_sign, linear):
+    """A schedule of this kind whose learned parameters are moved by N(0, scale^2) noise, whose w
+    has the sign w_sign and (net) whose linear part is scaled by `linear` (0: the shape is the
+    sigmoid layer alone): any values training could reach, negative weights included."""
     torch.manual_seed(seed)
     s = de.NoiseSchedule(kind, -13.3, 5.0)
     with torch.no_grad():
         for p in s.parameters():
             p.add_(torch.randn_like(p) * scale)
+        s.w.mul_(w_sign)
+        if kind == "net":
+            s.l1.weight.mul_(linear)
     return s
 
 
-schedule_parameters = st.tuples(st.integers(0, 2 ** 16), st.floats(0.01, 5.0))  # (seed, scale)
+# (seed, scale, w_sign, linear) of random_schedule
+schedule_parameters = st.tuples(st.integers(0, 2 ** 16), st.floats(0.01, 5.0), st.sampled_from([1, -1]),
+                                st.sampled_from([1.0, 0.0]))
 
 
 @given(t=st.lists(st.floats(0, 1), min_size=2, max_size=20), params=schedule_parameters)
@@ -1054,12 +1060,11 @@ def test_low_discrepancy_times_split_over_ranks_equal_the_global_batch():
 
 @given(u=st.floats(0, 1, exclude_max=True), n=st.integers(1, 300))
 def test_low_discrepancy_times_are_in_the_unit_interval_one_per_stratum(u, n):
-    """[VDM: low-discrepancy sampler] t_i = (u + i/n) mod 1 lie in [0, 1) and each stratum
-    [k/n, (k+1)/n) holds exactly one of them (up to rounding at a stratum's edge)."""
-    t = de.low_discrepancy_times(torch.tensor([u]), n)
-    assert (t >= 0).all() and (t < 1).all()
-    counts = torch.bincount((t * n + 1e-9).floor().long().clamp(max=n - 1), minlength=n)
-    assert (counts == 1).all()
+    """[VDM: low-discrepancy sampler] t_i = (u + i/n) mod 1 lie in [0, 1) and, sorted, are 1/n
+    apart starting below 1/n: one in each stratum of width 1/n (1e-12: rounding)."""
+    t = de.low_discrepancy_times(torch.tensor([u]), n).sort().values
+    assert (t >= 0).all() and (t < 1).all() and t[0] < 1 / n
+    assert torch.allclose(t.diff(), torch.full((n - 1,), 1 / n), rtol=0, atol=1e-12)
 
 
 def test_eval_noise_is_a_function_of_the_image_index_alone():
@@ -1303,7 +1308,7 @@ def wait_for_step(out, step, proc, timeout=120):
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(tmp_path):
     """[robustness] A run killed with SIGKILL (twice, at different steps) and resumed with --resume
-    ends with the same loss trace (every logged digit) and the same weights, optimiser and EMA
+    ends with the same log.csv (every row once, every digit) and the same weights, optimiser and EMA
     (torch.equal) as an uninterrupted run with the same seed: data order, t, eps and dropout are
     functions of (seed, step), and every checkpoint on disk was complete when it was renamed."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -1315,8 +1320,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(tmp_path
         proc.wait()
         de.load_checkpoint(str(killed / "latest.pt"))  # loadable after the kill
     run_cli("--train", "synthetic", *TINY, "--steps", 8, "--save-every", 2, "--eval-every", 1000, "--out", killed, "--resume")
-    assert log_rows(straight / "log.csv") == log_rows(killed / "log.csv")
-    a, b = (torch.load(d / "latest.pt", weights_only=True) for d in (straight, killed))
+    assert (straight / "log.csv").read_text() == (killed / "log.csv").read_text()   # row for row, once each
+    a, b = (de.load_checkpoint(str(d / "latest.pt")) for d in (straight, killed))
     assert a["step"] == b["step"] == 8
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
@@ -1362,15 +1367,25 @@ def nan_from_step(monkeypatch, bad_steps):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, float32):
-    """[robustness] A NaN loss at step 3 stops training with a message naming the step and the
-    untouched checkpoint; latest.pt still holds step 2 byte for byte and its weights are finite."""
+    """[robustness] A NaN loss at step 4 stops training with a message naming the step and the
+    checkpoint that is kept; latest.pt still holds step 2 and its weights are finite."""
     cfg = tiny_config(tmp_path / "run", steps=6)
     nan_from_step(monkeypatch, {3})
-    with pytest.raises(SystemExit, match="non-finite loss .* at step 3") as e:
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 4") as e:
         de.train(cfg)
-    assert "untouched" in str(e.value.code)
+    assert "latest.pt holds step 2" in str(e.value.code) and "--resume" in str(e.value.code)
     ckpt = de.load_checkpoint(str(tmp_path / "run" / "latest.pt"))
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nonfinite_loss_before_the_first_checkpoint_promises_none(tmp_path, monkeypatch, float32):
+    """[robustness] A NaN loss before the first save says that no checkpoint was written and does
+    not suggest --resume (there is nothing to resume)."""
+    nan_from_step(monkeypatch, {0})
+    with pytest.raises(SystemExit, match="at step 1") as e:
+        de.train(tiny_config(tmp_path / "run", steps=4))
+    assert "no checkpoint was written yet" in e.value.code and "--resume" not in e.value.code
+    assert not (tmp_path / "run" / "latest.pt").exists()
 
 
 def test_skip_nonfinite_skips_only_the_bad_batch(tmp_path, monkeypatch, float32):
@@ -1383,23 +1398,104 @@ def test_skip_nonfinite_skips_only_the_bad_batch(tmp_path, monkeypatch, float32)
     assert sorted(log_rows(tmp_path / "run" / "log.csv")) == [1, 2, 4, 5]  # the 3rd batch (logged as 3) skipped
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch, float32, capsys):
-    """[robustness] Disk full while writing a checkpoint (torch.save writes half, then ENOSPC):
-    the previous latest.pt is byte-identical and loadable, no temporary file is left, the failure
-    is reported, and training goes on."""
-    cfg = tiny_config(tmp_path / "run", steps=4)
-    save, calls = torch.save, [0]
-    def failing_save(obj, f):
+def test_skipped_batches_still_save_stop_on_a_signal_and_give_up_in_the_end(tmp_path, monkeypatch, float32):
+    """[robustness] Skipping a batch does not skip the rest of the step: with NaN losses from step 3
+    on, checkpoints are still written on schedule; SIGTERM during the skipping still saves and
+    exits 143; and after MAX_SKIPPED non-finite losses in a row the run gives up (exit 1) with a
+    message saying which checkpoint is kept."""
+    nan_from_step(monkeypatch, set(range(2, 1000)))
+    with pytest.raises(SystemExit, match="in a row") as e:
+        de.train(tiny_config(tmp_path / "a", steps=100, skip_nonfinite=True, save_every=3))
+    gave_up_at = 2 + de.MAX_SKIPPED                       # steps 3 .. 12 are skipped
+    last_save = (gave_up_at - 1) // 3 * 3                 # step 12 itself is not saved: the run gave up in it
+    assert f"up to step {gave_up_at}" in e.value.code and f"holds step {last_save}" in e.value.code
+    assert de.load_checkpoint(str(tmp_path / "a" / "latest.pt"))["step"] == last_save
+    forward, calls = de.DiffEnc.forward, [0]
+    def terminated_at_5(self, *args):  # NaN from the 3rd batch, and a SIGTERM during the 5th
         calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args)
+    monkeypatch.setattr(de.DiffEnc, "forward", terminated_at_5)
+    nan_from_step(monkeypatch, set(range(2, 1000)))
+    with pytest.raises(SystemExit) as e:
+        de.train(tiny_config(tmp_path / "b", steps=100, skip_nonfinite=True, save_every=50))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert de.load_checkpoint(str(tmp_path / "b" / "latest.pt"))["step"] == 5
+
+
+@pytest.mark.parametrize("error, words", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: "
+                  "file write failed\nException raised from ..."), "PytorchStreamWriter failed writing file")])
+def test_a_failed_final_save_keeps_the_previous_checkpoint_and_exits_nonzero(tmp_path, monkeypatch, float32, capsys,
+                                                                              error, words):
+    """[robustness] Disk full (OSError) or a failed write inside torch.save (RuntimeError, as
+    PyTorch raises it) while writing the final checkpoint: the previous latest.pt is untouched
+    and loadable, no temporary file is left, and the run exits non-zero with one message naming
+    the step that latest.pt holds (no traceback)."""
+    save = torch.save
+    def failing_save(obj, f):
         if obj["step"] == 4:
             f.write(b"half a checkpoint")
-            raise OSError(28, "No space left on device")
+            raise error
         save(obj, f)
     monkeypatch.setattr(de.torch, "save", failing_save)
-    de.train(cfg)
+    with pytest.raises(SystemExit) as e:
+        de.train(tiny_config(tmp_path / "run", steps=4))
+    assert "could not be written" in e.value.code and "latest.pt holds step 2" in e.value.code
     assert de.load_checkpoint(str(tmp_path / "run" / "latest.pt"))["step"] == 2
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "run"))
-    assert "No space left on device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "Exception raised from" not in err
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL in the middle of a step: nothing after it runs."""
+
+
+def test_log_after_a_kill_and_resume_equals_the_uninterrupted_log(tmp_path, monkeypatch, float32):
+    """[robustness] A run killed after it logged step 6 but before it saved it (latest.pt holds
+    step 4), then resumed, writes log.csv exactly as an uninterrupted run does, row for row: the
+    rows after the checkpoint are cut and written again once, and the row at step 6 averages
+    steps 4-6 with the step-4 part of its window restored from the checkpoint."""
+    kw = dict(steps=8, log_every=3, save_every=4)
+    de.train(tiny_config(tmp_path / "straight", **kw))
+    step_fn = de.train_step
+    def killed_at_7(net, model, ema, opt, cfg, step, *args):
+        if step == 6:
+            raise Killed
+        return step_fn(net, model, ema, opt, cfg, step, *args)
+    monkeypatch.setattr(de, "train_step", killed_at_7)
+    with pytest.raises(Killed):
+        de.train(tiny_config(tmp_path / "killed", **kw))
+    assert sorted(log_rows(tmp_path / "killed" / "log.csv")) == [3, 6]
+    monkeypatch.setattr(de, "train_step", step_fn)
+    de.train(tiny_config(tmp_path / "killed", resume=True, **kw))
+    assert (tmp_path / "killed" / "log.csv").read_text() == (tmp_path / "straight" / "log.csv").read_text()
+
+
+def test_a_changed_byte_in_a_checkpoint_never_loads_as_different_content(tmp_path, float32):
+    """[robustness] Flipping any one of 48 bytes spread over latest.pt either makes load_checkpoint
+    refuse the file with a one-line error naming it (unreadable, or content that does not match
+    the digest saved with it), or, where the byte held nothing that is read back (zip padding,
+    CRCs), loads exactly the content that was saved."""
+    de.train(tiny_config(tmp_path / "run", steps=2))
+    path = tmp_path / "run" / "latest.pt"
+    good, data = de.load_checkpoint(str(path)), bytearray(path.read_bytes())
+    refused = 0
+    for pos in np.linspace(0, len(data) - 1, 48).astype(int):
+        flipped = data.copy()
+        flipped[pos] ^= 0xFF
+        path.write_bytes(flipped)
+        try:
+            loaded = de.load_checkpoint(str(path))
+        except de.DiffEncError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            refused += 1
+            continue
+        assert de.content_digest(loaded) == de.content_digest(good)
+    assert refused > 24
 
 
 def test_same_seed_and_flags_give_the_same_loss_trace(tmp_path, float32):
@@ -1421,7 +1517,8 @@ def main_error(capsys, *argv):
 
 def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monkeypatch, capsys, float32):
     """[robustness] Each bad input ends with exit code 2 and exactly one line on stderr that says
-    what is wrong and what to do (and nothing is overwritten)."""
+    what is wrong and what to do, in every mode (--train, --eval, --sample), and nothing is
+    overwritten or created: a --resume of a missing folder does not create it."""
     monkeypatch.setattr(de.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     run = tmp_path / "run"
     de.train(tiny_config(run, steps=2))
@@ -1434,7 +1531,7 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
     a_file.write_text("x")
     base = ["--size", "tiny", "--n-embd", 8, "--norm-groups", 4, "--enc-ch", 8, "--enc-norm-groups", 2, "--batch-size", 8]
     cases = [  # (argv, words the message must contain)
-        (["--train", "imagenet", *base], "unknown data set"),
+        (["--train", "imagenet", *base], "the data set must be one of"),
         (["--train", "mnist", *base, "--data-dir", tmp_path / "empty", "--out", tmp_path / "o1"], "train-images-idx3-ubyte.gz"),
         (["--eval", truncated], "truncated or corrupt"),
         (["--eval", not_ckpt], "truncated or corrupt"),
@@ -1445,6 +1542,20 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         (["--train", "synthetic", "--size", "tiny", "--norm-groups", 32, "--out", tmp_path / "o3"], "--norm-groups"),
         (["--train", "synthetic", *base, "--steps", 0], "--steps must be positive"),
         (["--train", "synthetic", *base[:-1], -4], "--batch-size must be positive"),
+        (["--train", "synthetic", *base, "--lr", -1], "--lr must be positive"),
+        (["--train", "synthetic", *base, "--warmup", 0], "--warmup must be at least 1"),
+        (["--train", "synthetic", *base, "--warmup", -1], "--warmup must be at least 1"),
+        (["--train", "synthetic", *base, "--dropout", 1.5], "--dropout must be in [0, 1)"),
+        (["--train", "synthetic", *base, "--seed", -1], "--seed must be in"),
+        (["--train", "synthetic", *base, "--weight-decay", -1], "--weight-decay must be 0 or more"),
+        (["--train", "synthetic", *base, "--eval-images", -5], "--eval-images must be"),
+        (["--train", "synthetic", "--size", "tiny", "--n-embd", 1, "--out", tmp_path / "o4"], "--norm-groups"),
+        (["--train", "synthetic", *base, "--data-dir", a_file], "--data-dir must be a folder"),
+        (["--train", "synthetic", *base, "--out", tmp_path / "never", "--resume"], "no checkpoint"),
+        (["--eval", run / "latest.pt", "--batch-size", -1], "--batch-size must be positive"),
+        (["--eval", run / "latest.pt", "--eval-images", -1], "--eval-images must be"),
+        (["--sample", run / "latest.pt", "--sample-steps", -3], "--sample-steps must be positive"),
+        (["--sample", run / "latest.pt", "--sample-steps", 0], "--sample-steps must be positive"),
         (["--train", "synthetic", *base, "--out", a_file / "sub"], "writable"),
         (["--inspect", vdm / "latest.pt"], "--encoder learned"),
         (["--sample", run / "latest.pt", "--per-t"], "--per-t is an option of --eval"),
@@ -1455,6 +1566,58 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and err.startswith("diffenc: ") and words in err, (argv, err)
     assert (run / "latest.pt").read_bytes() == before
+    assert not (tmp_path / "never").exists()
+
+
+def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    """[robustness] Ctrl-C before training has installed its signal handler (here: while the data
+    loads) ends with exit code 130 and one line, not a KeyboardInterrupt traceback."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(de, "load_dataset", interrupted)
+    code, err = main_error(capsys, "--train", "synthetic", *TINY, "--out", tmp_path / "run")
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err
+
+
+BAD_VALUES = dict(  # one value out of range for every Config field
+    dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine", gamma_min=-1e6,
+    gamma_max=31.0, T=-1, size="huge", n_embd=0, n_layer=0, norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0,
+    enc_norm_groups=0, dropout=1.5, enc_dropout=-0.1, steps=0, batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0,
+    clip=-1.0, ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0,
+    skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_config_field_rejects_an_out_of_range_value(name):
+    """[robustness] validate() checks every Config field by its meaning, in one place: each field
+    refuses a value out of its range with a one-line error naming it. BAD_VALUES must name every
+    field, so a field added without a rule (check_field has no case for it) fails here."""
+    assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(de.Config)}
+    de.validate(de.Config())                                            # the defaults are valid
+    with pytest.raises(de.DiffEncError) as e:
+        de.validate(dataclasses.replace(de.Config(), **{name: BAD_VALUES[name]}))
+    flag = "the data set" if name == "dataset" else "--" + name.replace("_", "-")
+    assert str(e.value).startswith(flag + " must be") and "\n" not in str(e.value)
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_runs_lock_is_not(tmp_path, capsys, float32):
+    """[robustness] While a run holds --out (its lock on run.lock), a second training there, with
+    or without --resume, is refused with one line naming the holder's process id, and writes
+    nothing. A lock file left by a run that died (no process holds the lock) does not block."""
+    out = tmp_path / "run"
+    de.train(tiny_config(out, steps=2))
+    (out / "run.lock").write_text("999999")                              # a dead run's lock file
+    de.train(tiny_config(out, steps=3, resume=True))                    # not blocked by it
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    held = de.lock_run_folder(str(out))                                 # a live run holds the folder
+    try:
+        for extra in ([], ["--resume"]):
+            code, err = main_error(capsys, "--train", "synthetic", *TINY, "--steps", 5, "--out", out, *extra)
+            assert code == 2 and f"process {os.getpid()}" in err and err.count("\n") == 1
+    finally:
+        held.close()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.lock"} == {
+        k: v for k, v in before.items() if k != "run.lock"}
 
 
 def test_bad_input_prints_no_traceback_from_the_command_line(tmp_path):
