@@ -104,11 +104,13 @@ class Config:
     schedule: str = field(default="fixed", metadata=dict(
         choices=("fixed", "scalar", "net"),
         help="fixed: linear gamma; scalar: learned endpoints (the paper's train_scalar); net: VDM's monotone "
-             "network (in continuous time the ELBO depends only on the endpoints, so the net's shape gets "
-             "zero-mean gradients and random-walks under Adam)"))
+             "network, whose shape minimises the variance of the loss estimate in continuous time (VDM App. "
+             "I.2; the ELBO depends only on the endpoints) and the T-step loss for --T > 0"))
     gamma_min: float = field(default=-13.3, metadata=dict(help="gamma(0) = -log SNR at t=0 (VDM's value)"))
     gamma_max: float = field(default=5.0, metadata=dict(help="gamma(1) = -log SNR at t=1 (VDM's value)"))
-    T: int = field(default=0, metadata=dict(help="training loss: 0 = continuous time (the paper), T > 0 = T-step discrete loss"))
+    T: int = field(default=0, metadata=dict(
+        help="0 = continuous-time loss (the paper), T > 0 = the T-step loss; with --eval, --sample or "
+             "--tune-schedule: the T-step ELBO / sampler of any checkpoint"))
     # networks
     size: str = field(default="small", metadata=dict(choices=("tiny", "small", "large"), help="preset: tiny (CPU, tests), small (8 blocks), large (32 blocks)"))
     n_embd: int = field(default=128, metadata=dict(help="score U-Net channels"))
@@ -224,15 +226,16 @@ def alpha_sigma(gamma):
 
 
 class NoiseSchedule(nn.Module):
-    """gamma(t) for t in [0, 1], monotone increasing.
+    """gamma(t) = gamma_0 + (gamma_1 - gamma_0) s(t) for t in [0, 1]: the endpoints gamma_0 <= gamma_1
+    and a shape s, non-decreasing from s(0) = 0 to s(1) = 1.
 
-    fixed:  gamma = gamma_min + (gamma_max - gamma_min) t                 [code: noise_schedules.py]
-    scalar: gamma = b + |w| t, b and w learned (the paper's `train_scalar`), init at fixed.
-    net:    gamma = gamma_0 + (gamma_1 - gamma_0) * (g(t) - g(0)) / (g(1) - g(0)), where g is VDM's
-            monotone network (dense layers with positive weights, a 1024-unit sigmoid layer) and
-            gamma_0 = b, gamma_1 = b + |w| as in `scalar` [VDM: learned noise schedule]. The
-            normalisation keeps the learned endpoints and the learned shape separate (VDM's public
-            code lets the network move the endpoints too; google-research/vdm issue 11).
+    fixed:  gamma_0 = gamma_min, gamma_1 = gamma_max, s(t) = t              [code: noise_schedules.py]
+    scalar: gamma_0 = b, gamma_1 = b + |w|, learned (the paper's `train_scalar`), init at fixed; s(t) = t.
+    net:    the endpoints as in `scalar`, and s(t) = (g(t) - g(0)) / (g(1) - g(0)) with g VDM's
+            monotone network (dense layers with positive weights, a 1024-unit sigmoid layer)
+            [VDM: learned noise schedule]. The normalisation keeps the learned endpoints and the
+            learned shape separate (VDM's public code lets the network move the endpoints too;
+            google-research/vdm issue 11), which is what lets them have different objectives.
     """
 
     def __init__(self, kind, gamma_min, gamma_max, n_hidden=1024):  # 1024: VDM's NNet width
@@ -252,12 +255,33 @@ class NoiseSchedule(nn.Module):
         u = torch.sigmoid(F.linear(2 * (t[:, None] - 0.5), self.l2.weight.abs(), self.l2.bias))
         return (h + F.linear(2 * (u - 0.5), self.l3.weight.abs()) / u.shape[1])[:, 0]
 
+    def endpoints(self):  # (gamma_0, gamma_1), scalars
+        return self.b, self.b + self.w.abs()
+
+    def shape(self, t):  # t: (N,) -> s(t): (N,)
+        if self.kind != "net":
+            return t
+        ends = self._monotone(torch.tensor([0.0, 1.0], device=t.device, dtype=t.dtype))
+        return (self._monotone(t) - ends[0]) / (ends[1] - ends[0])
+
     def forward(self, t):  # t: (N,) -> gamma: (N,)
-        gamma_0, gamma_1 = self.b, self.b + self.w.abs()
-        if self.kind == "net":
-            ends = self._monotone(torch.tensor([0.0, 1.0], device=t.device, dtype=t.dtype))
-            t = (self._monotone(t) - ends[0]) / (ends[1] - ends[0])
-        return gamma_0 + (gamma_1 - gamma_0) * t
+        gamma_0, gamma_1 = self.endpoints()
+        return gamma_0 + (gamma_1 - gamma_0) * self.shape(t)
+
+
+def variance_gradient(shape_values, loss):
+    """Make the gradient that reaches the schedule's shape that of E[loss^2] instead of E[loss]
+    [VDM: Appendix I.2, minimising the variance of the diffusion loss estimator].
+
+    In continuous time the ELBO depends on gamma's endpoints only, so for the shape (`net`) the
+    gradient of E[loss] is zero-mean noise. Since E[loss^2] = Var[loss] + E[loss]^2 and E[loss]
+    does not depend on the shape, the shape should descend E[loss^2]: multiplying each example's
+    gradient into its shape values by 2 * loss gives exactly 2 loss dloss/ds = d(loss^2)/ds, in the
+    same backward pass. The endpoints' gradient, which does not pass through s, stays the ELBO's.
+    shape_values: tensors (B,) (s(t), ds/dt) that the loss was computed from; loss: (B,), detached.
+    """
+    for v in shape_values:
+        v.register_hook(lambda grad: grad * 2 * loss)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -717,7 +741,9 @@ class DiffEnc(nn.Module):
 
     def _continuous(self, x, t, eps):
         """The continuous-time diffusion loss at one t per image (section 4), (B,) nats."""
-        gamma_t, dgamma_dt = torch.func.jvp(self.schedule, (t,), (torch.ones_like(t),))  # (B,), (B,)
+        s, ds_dt = torch.func.jvp(self.schedule.shape, (t,), (torch.ones_like(t),))  # shape, slope (B,)
+        gamma_0, gamma_1 = self.schedule.endpoints()
+        gamma_t, dgamma_dt = gamma_0 + (gamma_1 - gamma_0) * s, (gamma_1 - gamma_0) * ds_dt  # (B,), (B,)
         g = gamma_t[:, None, None, None]
         alpha, sigma = alpha_sigma(g)
         x_enc, dx_enc = self.encode(x, gamma_t, derivative=True)                # x_phi, dx_phi/dlambda
@@ -727,12 +753,15 @@ class DiffEnc(nn.Module):
         euler = self.cfg.encoder != "none"                                       # model of dx_phi/dlambda
         dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)
         err = scaled_error(out, eps, x_enc, alpha, sigma, self.cfg.param)
-        return diffusion_loss_continuous(dgamma_dt[:, None, None, None], alpha, sigma, err, dx_enc, dx_hat)
+        diff = diffusion_loss_continuous(dgamma_dt[:, None, None, None], alpha, sigma, err, dx_enc, dx_hat)
+        if self.training and self.cfg.schedule == "net":
+            variance_gradient((s, ds_dt), bits_per_dim([diff.detach()], self.image_shape))
+        return diff
 
     def _discrete(self, x, t, eps):
         """T times the KL of the step that contains t, (B,) nats: an unbiased estimate of L_T."""
         T = self.cfg.T
-        i = (torch.floor(t * T) + 1).clamp(max=T)             # step i covers [(i-1)/T, i/T); t = 1 -> T
+        i = discrete_step(t, T)                                # (B,) in 1..T
         gamma_s, gamma_t = self.schedule((i - 1) / T), self.schedule(i / T)       # (B,) each
         # x_phi at s and at t from the same dropout mask: their difference is divided by
         # kappa ~ 18/T, so independent masks would turn dropout noise into a loss growing as T^2.
@@ -746,6 +775,11 @@ class DiffEnc(nn.Module):
         err = scaled_error(out, eps, x_enc_t, alpha_t, sigma_t, self.cfg.param)
         euler = self.cfg.encoder != "none"
         return T * diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat, euler)
+
+
+def discrete_step(t, T):
+    """The step i in 1..T whose interval [(i-1)/T, i/T) holds t; t = 1 belongs to step T."""
+    return (torch.floor(t * T) + 1).clamp(max=T)
 
 
 def same_dropout_mask(device, *calls):
@@ -774,8 +808,9 @@ def bits_per_dim(terms, image_shape):
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(model, n, T, seed, keep=()):
-    """n samples with T steps. Returns (x (n, C, H, W) uint8, {step i: x_hat at t = i/T} for i in keep)."""
+def sample(model, n, T, seed, keep=(), var_ratio=None):
+    """n samples with T steps. Returns (x (n, C, H, W) uint8, {step i: x_hat at t = i/T} for i in keep).
+    var_ratio (T,): sigma_P^2 / sigma_Q^2 of each step i = 1..T instead of 1 (section 4)."""
     device, dtype = model.schedule.b.device, model.schedule.b.dtype
     g = rng(seed, RNG["sample"])  # noise drawn on the CPU: the same samples on every device
     noise = lambda: torch.randn((n, *model.image_shape), generator=g, dtype=dtype).to(device)
@@ -790,6 +825,7 @@ def sample(model, n, T, seed, keep=()):
         if i in keep:
             kept[i] = x_hat.cpu()
         mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, euler)
+        var = var if var_ratio is None else var * var_ratio[i - 1]
         z = mean + var.sqrt() * noise()                                         # the last step is stochastic too
     return decode(z, gammas[0]).cpu(), kept
 
@@ -842,7 +878,7 @@ def rng(*keys):
 
 # The streams of rng(seed, ..., stream): each kind of randomness has its own, so that drawing more
 # of one never shifts another.
-RNG = dict(order=1, train_noise=2, sample=3, dropout=4, eval_noise=5, bench=6)
+RNG = dict(order=1, train_noise=2, sample=3, dropout=4, eval_noise=5, bench=6, sigma_p=7)
 
 
 def download(url, path):
@@ -943,9 +979,14 @@ def eval_noise(seed, indices, image_shape, draw=0):
     over [0, 1) as evenly as training's low-discrepancy t, for any prefix of the test set."""
     u = torch.rand(1, generator=rng(seed, draw, RNG["eval_noise"]), dtype=torch.float64)
     t = torch.remainder(u + indices.double() * GOLDEN, 1.0).to(torch.get_default_dtype())
-    gens = [rng(seed, draw, int(i), RNG["eval_noise"]) for i in indices]
-    eps, eps_0 = (torch.stack([torch.randn(image_shape, generator=g) for g in gens]) for _ in range(2))
+    eps, eps_0 = indexed_normal(indices, image_shape, 2, seed, draw, RNG["eval_noise"])
     return t, eps, eps_0
+
+
+def indexed_normal(indices, shape, n, *keys):
+    """n tensors (N, *shape) of N(0, 1) noise, row j a function of (keys, indices[j]) alone."""
+    gens = [rng(*keys[:-1], int(i), keys[-1]) for i in indices]
+    return [torch.stack([torch.randn(shape, generator=g) for g in gens]) for _ in range(n)]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1047,10 +1088,11 @@ def check_compatible(saved, cfg, path):
                                f"{getattr(cfg, name)}; use the same value or a new --out")
 
 
-def model_from_checkpoint(ckpt, device, weights="ema"):
-    """Rebuild the model saved in a checkpoint, with its EMA (default) or raw weights, in eval mode."""
+def model_from_checkpoint(ckpt, device, weights="ema", T=None):
+    """Rebuild the model saved in a checkpoint, with its EMA (default) or raw weights, in eval mode.
+    T: evaluate its T-step loss instead of the loss it was trained with (any T >= 0)."""
     cfg = Config(**ckpt["config"])
-    model = DiffEnc(cfg, ckpt["image_shape"])
+    model = DiffEnc(cfg if T is None else dataclasses.replace(cfg, T=T), ckpt["image_shape"])
     model.load_state_dict(ckpt[weights])
     return model.to(device).eval().requires_grad_(False)
 
@@ -1309,8 +1351,10 @@ def format_seconds(s):
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None):
-    """Per-image (diffusion, latent, recon) in bpd, averaged over `samples` draws: (N, 3) float64."""
+def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None, var_ratio=None):
+    """Per-image (diffusion, latent, recon) in bpd, averaged over `samples` draws: (N, 3) float64.
+    var_ratio (T,): for the T-step loss, sigma_P^2 / sigma_Q^2 of each step instead of 1; the step
+    KL is then d/2 (w - 1 - log w) + w KL_i with w = 1 / ratio (section 4, weighted_step_kl)."""
     p = next(model.parameters())
     N = min(n_images or len(data), len(data))
     rows = []
@@ -1321,8 +1365,11 @@ def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None)
         for k in range(samples):
             t, eps, eps_0 = (a.to(p.device, p.dtype) for a in eval_noise(seed, idx, model.image_shape, k))
             t = torch.full_like(t, t_fixed) if t_fixed is not None else t
-            terms = model(x, t, eps, eps_0)
-            acc += torch.stack(terms, 1).double().cpu()
+            diff, latent, recon = model(x, t, eps, eps_0)                    # (b,) each, nats
+            if var_ratio is not None:
+                T, w = model.cfg.T, 1 / var_ratio.to(diff)[discrete_step(t, model.cfg.T).long() - 1]
+                diff = T * weighted_step_kl(diff / T, w, math.prod(model.image_shape))
+            acc += torch.stack([diff, latent, recon], 1).double().cpu()
         rows.append(acc / samples)
     return bits_per_dim([torch.cat(rows)], model.image_shape)
 
@@ -1341,19 +1388,23 @@ def run_eval(ckpt_paths, args):
         ckpt = load_checkpoint(path)
         cfg = Config(**ckpt["config"])
         data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
-        model = model_from_checkpoint(ckpt, pick_device())
-        run = lambda t=None: evaluate(model, data, args.batch_size or cfg.batch_size, args.seed or 0,
-                                      args.eval_images or 0, args.eval_samples, t_fixed=t)
+        model = model_from_checkpoint(ckpt, pick_device(), T=args.T)
+        run = lambda t=None, ratio=None: evaluate(model, data, args.batch_size or cfg.batch_size, args.seed or 0,
+                                                  args.eval_images or 0, args.eval_samples, t, ratio)
         bpd = run()
         total = bpd.sum(1)
+        loss = f"{model.cfg.T}-step" if model.cfg.T else "continuous-time"
         print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over {len(total)} images of the "
-              f"{cfg.dataset} test split; EMA weights, step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
+              f"{cfg.dataset} test split; {loss} ELBO, EMA weights, step {ckpt['step']}, {args.eval_samples} (t, eps) "
+              f"per image)")
         for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
             print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
         totals.append(total)
         if len(totals) > 1 and len(total) == len(totals[0]):
             d = total - totals[0]
             print(f"  minus {ckpt_paths[0]}: {d.mean():+.4f} ± {se(d):.4f} bpd (paired: same images, t and eps)")
+        if args.sigma_p == "optimal":
+            report_optimal_variances(model, bpd, run, path, args)
         if args.per_t:  # the integrand at fixed t: the diffusion term is its integral over t in [0, 1]
             curves.append(torch.stack([run(float(t))[:, 0] for t in PER_T], 1))   # (N, 11) bpd
     if not curves:
@@ -1382,18 +1433,149 @@ def run_eval(ckpt_paths, args):
     return curves
 
 
+# Finite depth on a trained model [DiffEnc: variance ratio; the noise schedule for inference].
+# For T steps the ELBO's diffusion term is sum_i KL_i. Two things that do not matter as T -> inf
+# do matter here: (1) the generative variance of each step, whose optimum is sigma_P*^2 =
+# sigma_Q^2 + E||mu_Q - mu_P||^2 / d (section 4), estimated on training images and then used on
+# the test set; (2) the schedule's interior, which the T-step loss depends on (the continuous loss
+# only on the endpoints), tuned here with the networks frozen.
+
+SIGMA_P_PAIRS = 20_000  # (training image, eps) pairs that estimate the T per-step variances
+
+
+@torch.no_grad()
+def optimal_variance_ratios(model, data, seed, batch_size):
+    """sigma_P*^2 / sigma_Q^2 = 1 + 2 E[KL_i] / d for each step i = 1..T of model.cfg.T, with its
+    standard error: (T,), (T,). Since KL_i = ||mu_Q - mu_P||^2 / (2 sigma_Q^2) at equal variances,
+    this is section 4's sigma_Q^2 + E||mu_Q - mu_P||^2 / d. Each step is estimated on
+    SIGMA_P_PAIRS // T training images (in a seeded random order), each with its own eps."""
+    T, d, p = model.cfg.T, math.prod(model.image_shape), next(model.parameters())
+    n = max(2, SIGMA_P_PAIRS // T)                                      # pairs per step
+    order = torch.randperm(len(data), generator=rng(seed, RNG["sigma_p"]))
+    kls = []
+    for k0 in range(0, n * T, batch_size):
+        k = torch.arange(k0, min(k0 + batch_size, n * T))              # pair k belongs to step k // n + 1
+        x = scale_pixels(data[order[k % len(data)]].to(p.device), p.dtype)  # (b, C, H, W)
+        t = ((k // n + 0.5) / T).to(p.device, p.dtype)                  # inside step k // n + 1
+        eps, = indexed_normal(k, model.image_shape, 1, seed, RNG["sigma_p"])
+        kls.append(model._discrete(x, t, eps.to(p.device, p.dtype)).double().cpu() / T)  # KL_i, nats
+    kl = torch.cat(kls).view(T, n)
+    return 1 + 2 * kl.mean(1) / d, 2 * kl.std(1) / math.sqrt(n) / d
+
+
+def report_optimal_variances(model, bpd, run, path, args):
+    """--eval --T T --sigma-p optimal: estimate sigma_P* per step on the training split, evaluate the
+    T-step ELBO with it on the same test images, t and eps as `bpd` (sigma_P = sigma_Q), print both
+    and their paired difference, and write the ratios sigma_P*/sigma_Q per step (CSV and plot)."""
+    cfg, T = model.cfg, model.cfg.T
+    train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
+    ratio, ratio_se = optimal_variance_ratios(model, train_data, args.seed or 0, args.batch_size or cfg.batch_size)
+    optimal = run(None, ratio).sum(1)
+    equal, diff = bpd.sum(1), optimal - bpd.sum(1)
+    se = lambda a: (a.std() / math.sqrt(len(a))).item()
+    print(f"  {T}-step ELBO, sigma_P = sigma_Q: {equal.mean():.4f} ± {se(equal):.4f}; optimal sigma_P per step "
+          f"(from {SIGMA_P_PAIRS // T * T} training pairs): {optimal.mean():.4f} ± {se(optimal):.4f}; "
+          f"optimal minus equal: {diff.mean():+.5f} ± {se(diff):.5f} bpd (paired)")
+    prefix = os.path.join(os.path.dirname(path) or ".", f"sigma_p_T{T}")
+    t_mid = (torch.arange(T, dtype=torch.float64) + 0.5) / T
+    atomic_write(f"{prefix}.csv", lambda f: f.write(("step,t_mid,var_ratio,se\n" + "".join(
+        f"{i + 1},{t!r},{r!r},{s!r}\n" for i, (t, r, s) in enumerate(zip(t_mid.tolist(), ratio.tolist(),
+                                                                      ratio_se.tolist())))).encode()))
+    line_plot(f"{prefix}.png", t_mid.numpy(), [ratio.sqrt().numpy(), np.ones(T)], [(220, 40, 40), (0, 0, 0)])
+    print(f"  wrote {prefix}.csv and {prefix}.png: sigma_P*/sigma_Q per step (red) against t; black = 1; "
+          f"largest {ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
+    return ratio, equal, optimal
+
+
+def linear_net_schedule(schedule):
+    """A `net` schedule with the endpoints of `schedule` and a shape within 1e-3 of linear: the
+    monotone network's linear part set to t, its sigmoid layer's output weights to 1e-3 (not 0:
+    |w| has no gradient at 0). The starting point for tuning a fixed or scalar schedule."""
+    net = NoiseSchedule("net", 0.0, 1.0).to(schedule.b)
+    with torch.no_grad():
+        net.b.copy_(schedule.b)
+        net.w.copy_(schedule.w)
+        net.l1.weight.fill_(1.0)
+        net.l1.bias.zero_()
+        net.l3.weight.fill_(1e-3)
+    return net
+
+
+def tune_schedule(model, data, T, steps, lr, batch_size, seed):
+    """Fit the schedule's shape to T-step inference: minimise the T-step training loss over the shape
+    of a `net` schedule (converted from a fixed or scalar one, linear at the start) with the
+    networks and gamma's endpoints frozen [DiffEnc: optimizing the noise schedule for inference].
+    The shape stays monotone by construction. Returns the tuned model (cfg.schedule "net",
+    cfg.T = T) and the training loss (bpd) per step."""
+    model.cfg = dataclasses.replace(model.cfg, T=T, schedule="net")
+    if model.schedule.kind != "net":
+        model.schedule = linear_net_schedule(model.schedule)
+    model.eval().requires_grad_(False)
+    shape = [p for name, p in model.schedule.named_parameters() if name not in ("b", "w")]
+    for p in shape:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(shape, lr=lr)
+    p0, losses = model.schedule.b, []
+    for step in range(steps):
+        x_int = data[batch_indices(len(data), batch_size, step, seed)].to(p0.device)     # (B, C, H, W)
+        t, eps, _ = (a.to(p0.device, p0.dtype) for a in draw_noise(seed, step, batch_size, model.image_shape))
+        loss = bits_per_dim([model._discrete(scale_pixels(x_int, p0.dtype), t, eps)], model.image_shape).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.requires_grad_(False), losses
+
+
+def run_tune_schedule(ckpt_path, args):
+    """--tune-schedule CKPT --T T: tune the schedule for T steps, save it beside CKPT as
+    tuned_T{T}.pt, and print the test T-step bpd before and after on the same images (paired)."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = Config(**ckpt["config"])
+    if not args.T:
+        raise DiffEncError("--tune-schedule tunes the schedule for T-step inference; give --T, e.g. --T 10")
+    device, seed, batch_size = pick_device(), args.seed or 0, args.batch_size or cfg.batch_size
+    train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
+    test = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
+    model = model_from_checkpoint(ckpt, device, T=args.T)
+    test_bpd = lambda: evaluate(model, test, batch_size, seed, args.eval_images or 0, args.eval_samples).sum(1)
+    before = test_bpd()
+    model, losses = tune_schedule(model, train_data, args.T, args.steps or 500, args.lr or 1e-3, batch_size, seed)
+    after = test_bpd()
+    path = os.path.join(os.path.dirname(ckpt_path) or ".", f"tuned_T{args.T}.pt")
+    state = model.state_dict()
+    save_checkpoint(dict(format=CKPT_FORMAT, config=dataclasses.asdict(model.cfg), image_shape=list(model.image_shape),
+                         step=ckpt["step"], model=state, ema=state, opt={}, best_bpd=math.inf,
+                         window=torch.zeros(3, dtype=torch.float64), n_window=0), path)
+    se = lambda a: (a.std() / math.sqrt(len(a))).item()
+    d = after - before
+    print(f"{ckpt_path}: test {args.T}-step bpd {before.mean():.4f} ± {se(before):.4f} with its schedule, "
+          f"{after.mean():.4f} ± {se(after):.4f} tuned ({len(losses)} steps, training loss "
+          f"{np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}); tuned minus original {d.mean():+.4f} ± "
+          f"{se(d):.4f} (paired); wrote {path} (schedule net, T = {args.T}: for --eval and --sample)")
+    return before, after, model
+
+
 SAMPLE_TS = (1.0, 0.8, 0.6, 0.4, 0.2)  # t of the intermediate x_hat shown beside each sample
 SAMPLE_ROWS = 8
 
 
 def run_sample(ckpt_path, args):
-    """A grid of samples, and a grid of the reverse process: x_hat(z_t) at SAMPLE_TS, then the sample."""
+    """A grid of samples, and a grid of the reverse process: x_hat(z_t) at SAMPLE_TS, then the sample.
+    Steps: --T, else --sample-steps, else the checkpoint's T (a tuned schedule's), else its
+    sample_steps. --sigma-p optimal: each step's variance estimated as in --eval."""
     ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, pick_device())
-    T = args.sample_steps or model.cfg.sample_steps
+    cfg = Config(**ckpt["config"])
+    T = args.T or args.sample_steps or cfg.T or cfg.sample_steps
+    model = model_from_checkpoint(ckpt, pick_device(), T=T)
+    ratio = None
+    if args.sigma_p == "optimal":
+        train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
+        ratio, _ = optimal_variance_ratios(model, train_data, args.seed or 0, args.batch_size or cfg.batch_size)
     steps = [max(1, round(t * T)) for t in SAMPLE_TS]
-    x, kept = sample(model, args.n_samples, T, args.seed or 0, keep=steps)
-    path = os.path.join(os.path.dirname(ckpt_path) or ".", f"samples_step{ckpt['step']}.png")
+    x, kept = sample(model, args.n_samples, T, args.seed or 0, keep=steps, var_ratio=ratio)
+    name = f"samples_step{ckpt['step']}_T{T}" + ("_optimal_sigma" if ratio is not None else "")
+    path = os.path.join(os.path.dirname(ckpt_path) or ".", f"{name}.png")
     write_png(path, image_grid(x, math.ceil(math.sqrt(args.n_samples))))
     n = min(args.n_samples, SAMPLE_ROWS)
     final = to_rgb(x[:n].float() / 127.5 - 1)                                # uint8 -> [-1, 1] -> the same uint8 in RGB
@@ -1655,11 +1837,16 @@ def build_parser():
     mode.add_argument("--eval", metavar="CKPT", nargs="+", help="print test bits/dim of checkpoints with standard errors")
     mode.add_argument("--sample", metavar="CKPT", help="write PNG grids of samples and of the reverse process beside the checkpoint")
     mode.add_argument("--inspect", metavar="CKPT", help="write figures of a learned encoder (x_phi over t, rate heat maps, range) beside it")
+    mode.add_argument("--tune-schedule", metavar="CKPT", help="tune the schedule's shape for --T step inference "
+                      "(networks frozen; --steps, default 500, --lr, default 1e-3); writes tuned_T{T}.pt beside CKPT")
     mode.add_argument("--bench", metavar="DATASET", nargs="?", const="cifar10",
                       help="time training and sampling steps for encoder none/fixed/learned on images of DATASET's shape (default cifar10)")
     p.add_argument("--n-samples", type=int, default=64, help="--sample: number of images")
     p.add_argument("--eval-samples", type=int, default=1, help="--eval: (t, eps) draws per image")
     p.add_argument("--per-t", action="store_true", help="--eval: also the diffusion-loss integrand at t = 0, 0.1, ..., 1 (CSV + plot)")
+    p.add_argument("--sigma-p", choices=("equal", "optimal"), default="equal",
+                   help="--eval/--sample with --T > 0: sigma_P = sigma_Q, or each step's optimal sigma_P "
+                        "(estimated on the training split)")
     for f in dataclasses.fields(Config):
         if f.name == "dataset":
             continue  # given by --train
@@ -1691,6 +1878,9 @@ def main(argv=None):
                 raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.per_t and not args.eval:
             raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
+        if args.sigma_p == "optimal" and not ((args.eval and args.T) or args.sample):
+            raise DiffEncError("--sigma-p optimal sets the variance of each of T steps; use it with --eval CKPT --T T "
+                               "or --sample CKPT")
         if args.train:
             train(config_from_args(args, args.train))
         elif args.eval:
@@ -1699,6 +1889,8 @@ def main(argv=None):
             run_sample(args.sample, args)
         elif args.inspect:
             run_inspect(args.inspect, args)
+        elif args.tune_schedule:
+            run_tune_schedule(args.tune_schedule, args)
         else:
             cfg = config_from_args(args, args.bench)
             validate(cfg)
