@@ -169,7 +169,8 @@ MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_m
 # halve, are refused when the model is built.
 POSITIVE = (lambda v: 0 < v < math.inf, "positive")
 UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
-GAMMA = (lambda v: -30 <= v <= 30, "in [-30, 30] (beyond, alpha or sigma is below float32's resolution of 1)")
+GAMMA = (lambda v: -30 <= v <= 30,  # beyond, alpha or sigma is below float32's resolution of 1
+         "in [-30, 30]")
 RULES = dict(
     data_dir=(lambda v: v != "" and not os.path.isfile(v), "a folder, not a file"),
     gamma_min=GAMMA, gamma_max=GAMMA,
@@ -180,7 +181,8 @@ RULES = dict(
     warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
     weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
     clip=(lambda v: 0 <= v < math.inf, "0 (off) or a positive gradient norm"),
-    ema=UNIT, seed=(lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"), out=(lambda v: v != "", "a folder"),
+    ema=UNIT, seed=(lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
+    out=(lambda v: v != "", "a folder"),
     log_every=POSITIVE, eval_every=POSITIVE, save_every=POSITIVE, sample_steps=POSITIVE,
     eval_images=(lambda v: v >= 0, "0 (all) or a positive number of images"),
 )
@@ -206,7 +208,8 @@ def validate(cfg):
     for f in dataclasses.fields(cfg):
         check_field(f.name, getattr(cfg, f.name))
     if not cfg.gamma_min < cfg.gamma_max:
-        raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max ({cfg.gamma_max})")
+        raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max "
+                           f"({cfg.gamma_max})")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -226,11 +229,12 @@ def alpha_sigma(gamma):
 
 
 class NoiseSchedule(nn.Module):
-    """gamma(t) = gamma_0 + (gamma_1 - gamma_0) s(t) for t in [0, 1]: the endpoints gamma_0 <= gamma_1
-    and a shape s, non-decreasing from s(0) = 0 to s(1) = 1.
+    """gamma(t) = gamma_0 + (gamma_1 - gamma_0) s(t) for t in [0, 1]: the endpoints
+    gamma_0 <= gamma_1 and a shape s, non-decreasing from s(0) = 0 to s(1) = 1.
 
-    fixed:  gamma_0 = gamma_min, gamma_1 = gamma_max, s(t) = t              [code: noise_schedules.py]
-    scalar: gamma_0 = b, gamma_1 = b + |w|, learned (the paper's `train_scalar`), init at fixed; s(t) = t.
+    fixed:  gamma_0 = gamma_min, gamma_1 = gamma_max, s(t) = t          [code: noise_schedules.py]
+    scalar: gamma_0 = b, gamma_1 = b + |w|, learned (the paper's `train_scalar`), init at fixed;
+            s(t) = t.
     net:    the endpoints as in `scalar`, and s(t) = (g(t) - g(0)) / (g(1) - g(0)) with g VDM's
             monotone network (dense layers with positive weights, a 1024-unit sigmoid layer)
             [VDM: learned noise schedule]. The normalisation keeps the learned endpoints and the
@@ -347,9 +351,9 @@ def group_norm(channels, groups):
     that channel's spatial mean, and with it the time embedding, a per-channel constant added just
     before norm2 in every ResBlock: the network could not see t. So each group must hold >= 2."""
     if channels % groups or channels // groups < 2:
-        raise DiffEncError(f"GroupNorm of {channels} channels cannot use {groups} groups (each group needs "
-                           f"2 or more channels, and groups must divide channels); lower --norm-groups / "
-                           f"--enc-norm-groups or raise --n-embd / --enc-ch")
+        raise DiffEncError(f"GroupNorm of {channels} channels cannot use {groups} groups (each "
+                           f"group needs 2 or more channels, and groups must divide channels); "
+                           f"lower --norm-groups / --enc-norm-groups or raise --n-embd / --enc-ch")
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
@@ -458,13 +462,14 @@ class EncoderUNet(nn.Module):
         self.gamma_min, self.gamma_max, self.c0 = cfg.gamma_min, cfg.gamma_max, c0
         self.temb = time_mlp(c0)
         blocks = lambda c_in, c_out, groups: nn.ModuleList(  # enc_blocks ResBlocks, c_in -> c_out
-            ResBlock(c_in if j == 0 else c_out, c_out, 4 * c0, groups, cfg.enc_dropout) for j in range(cfg.enc_blocks))
+            ResBlock(c_in if j == 0 else c_out, c_out, 4 * c0, groups, cfg.enc_dropout)
+            for j in range(cfg.enc_blocks))
         self.conv_in = nn.Conv2d(channels, c0, 3, padding=1)
         self.down, self.upsample, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in range(levels):
-            c = c0 * 2 ** i                                      # channels at level i
-            c_above = c0 * 2 ** (i - 1) if i > 0 else c0         # arriving from level i - 1 (or conv_in)
-            c_below = c0 * 2 ** (i + 1) if i < levels - 1 else c  # arriving from level i + 1 (or the middle)
+            c = c0 * 2 ** i                                       # channels at level i
+            c_above = c0 * 2 ** (i - 1) if i > 0 else c0          # from level i - 1 (or conv_in)
+            c_below = c0 * 2 ** (i + 1) if i < levels - 1 else c  # from level i + 1 (or the middle)
             self.down.append(blocks(c_above, c, cfg.norm_groups))
             self.upsample.append(nn.ConvTranspose2d(c_below, c, 2, stride=2))
             self.up.append(blocks(2 * c, c, cfg.norm_groups))    # input: upsampled + skip
@@ -472,7 +477,8 @@ class EncoderUNet(nn.Module):
         self.mid1 = ResBlock(c_mid, c_mid, 4 * c0, cfg.enc_norm_groups, cfg.enc_dropout)
         self.attn = AttnBlock(c_mid, cfg.norm_groups)
         self.mid2 = ResBlock(c_mid, c_mid, 4 * c0, cfg.enc_norm_groups, cfg.enc_dropout)
-        self.norm_out, self.conv_out = group_norm(c0, cfg.enc_norm_groups), nn.Conv2d(c0, channels, 3, padding=1)
+        self.norm_out = group_norm(c0, cfg.enc_norm_groups)
+        self.conv_out = nn.Conv2d(c0, channels, 3, padding=1)
         zero_init(self.conv_out)
 
     def forward(self, x, gamma):
@@ -692,13 +698,14 @@ class DiffEnc(nn.Module):
             return encoder_mean("learned", x, g, self.enc(x, gamma))
         # Forward-mode AD with tangent 1 for every sample's gamma: y and dy/dgamma in one pass,
         # exact (no finite differences) and per sample (the U-Net has no cross-batch operations).
-        y, dy_dgamma = torch.func.jvp(lambda gm: self.enc(x, gm), (gamma,), (torch.ones_like(gamma),))
+        tangent = torch.ones_like(gamma)
+        y, dy_dgamma = torch.func.jvp(lambda gm: self.enc(x, gm), (gamma,), (tangent,))
         return encoder_mean("learned", x, g, y, dy_dgamma)
 
     def predict(self, z, gamma):
         """The score network's output (v_hat or eps_hat, like z) in z's dtype. --amp runs it, and
-        only it, under bf16 autocast: the encoder and its jvp stay in full precision (autocast
-        does not reach the tangents of torch.func.jvp, so conv weights and inputs would disagree)."""
+        only it, under bf16 autocast: the encoder and its jvp stay in full precision (autocast does
+        not reach the tangents of torch.func.jvp, so conv weights and inputs would disagree)."""
         with torch.autocast(z.device.type, torch.bfloat16, enabled=self.cfg.amp):
             return self.score(z, gamma).to(z.dtype)
 
@@ -709,15 +716,15 @@ class DiffEnc(nn.Module):
         The model computes in eps's dtype (float32 in training, float64 in the theory tests).
         """
         B = x_int.shape[0]
-        x = scale_pixels(x_int, eps.dtype)                                                # (B, C, H, W)
+        x = scale_pixels(x_int, eps.dtype)                                        # (B, C, H, W)
         gamma_0, gamma_1 = self.schedule(torch.tensor([0.0, 1.0], device=t.device, dtype=t.dtype))
         if self.training:  # 1. and 2., estimated from the end nearer each image's t
             recon, latent = self._boundary_terms_estimate(x_int, x, t, eps_0, gamma_0, gamma_1)
         else:              # 1. and 2., exactly: x_phi at both ends for every image
-            ends = self.encode(torch.cat([x, x]), torch.cat([gamma_0.expand(B), gamma_1.expand(B)]), False)[0]
-            x_enc_0, x_enc_1 = ends.chunk(2)                                              # (B, C, H, W) each
-            recon = recon_loss(x_int, x_enc_0, gamma_0, eps_0)    # 1. reconstruction, -log p(x | z_0)
-            latent = prior_loss(x_enc_1, gamma_1)                 # 2. prior, KL(q(z_1 | x) || N(0, I))
+            gammas = torch.cat([gamma_0.expand(B), gamma_1.expand(B)])            # (2B,)
+            x_enc_0, x_enc_1 = self.encode(torch.cat([x, x]), gammas, False)[0].chunk(2)
+            recon = recon_loss(x_int, x_enc_0, gamma_0, eps_0)  # 1. reconstruction, -log p(x | z_0)
+            latent = prior_loss(x_enc_1, gamma_1)               # 2. prior, KL(q(z_1 | x) || N(0, I))
         # 3. diffusion, 0 < t < 1: the continuous-time loss (the paper) or the exact T-step loss.
         diff = self._continuous(x, t, eps) if self.cfg.T == 0 else self._discrete(x, t, eps)
         return diff, latent, recon
@@ -741,19 +748,20 @@ class DiffEnc(nn.Module):
 
     def _continuous(self, x, t, eps):
         """The continuous-time diffusion loss at one t per image (section 4), (B,) nats."""
-        s, ds_dt = torch.func.jvp(self.schedule.shape, (t,), (torch.ones_like(t),))  # shape, slope (B,)
+        s, ds_dt = torch.func.jvp(self.schedule.shape, (t,), (torch.ones_like(t),))  # (B,) each
         gamma_0, gamma_1 = self.schedule.endpoints()
-        gamma_t, dgamma_dt = gamma_0 + (gamma_1 - gamma_0) * s, (gamma_1 - gamma_0) * ds_dt  # (B,), (B,)
+        gamma_t, dgamma_dt = gamma_0 + (gamma_1 - gamma_0) * s, (gamma_1 - gamma_0) * ds_dt
         g = gamma_t[:, None, None, None]
         alpha, sigma = alpha_sigma(g)
-        x_enc, dx_enc = self.encode(x, gamma_t, derivative=True)                # x_phi, dx_phi/dlambda
+        x_enc, dx_enc = self.encode(x, gamma_t, derivative=True)       # x_phi, dx_phi/dlambda
         z_t = alpha * x_enc + sigma * eps                                        # ~ q(z_t | x)
         out = self.predict(z_t, gamma_t)
         x_hat = predict_x(out, z_t, alpha, sigma, self.cfg.param)
-        euler = self.cfg.encoder != "none"                                       # model of dx_phi/dlambda
-        dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)
+        euler = self.cfg.encoder != "none"
+        dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)  # model of dx_phi/dlambda
         err = scaled_error(out, eps, x_enc, alpha, sigma, self.cfg.param)
-        diff = diffusion_loss_continuous(dgamma_dt[:, None, None, None], alpha, sigma, err, dx_enc, dx_hat)
+        dgamma = dgamma_dt[:, None, None, None]
+        diff = diffusion_loss_continuous(dgamma, alpha, sigma, err, dx_enc, dx_hat)
         if self.training and self.cfg.schedule == "net":
             variance_gradient((s, ds_dt), bits_per_dim([diff.detach()], self.image_shape))
         return diff
@@ -765,8 +773,9 @@ class DiffEnc(nn.Module):
         gamma_s, gamma_t = self.schedule((i - 1) / T), self.schedule(i / T)       # (B,) each
         # x_phi at s and at t from the same dropout mask: their difference is divided by
         # kappa ~ 18/T, so independent masks would turn dropout noise into a loss growing as T^2.
-        x_enc_s, x_enc_t = (e for e, _ in same_dropout_mask(
-            x.device, lambda: self.encode(x, gamma_s, False), lambda: self.encode(x, gamma_t, False)))
+        ends = same_dropout_mask(x.device, lambda: self.encode(x, gamma_s, False),
+                                 lambda: self.encode(x, gamma_t, False))
+        x_enc_s, x_enc_t = (x_enc for x_enc, _ in ends)
         gamma_s, gamma_t = gamma_s[:, None, None, None], gamma_t[:, None, None, None]
         alpha_t, sigma_t = alpha_sigma(gamma_t)
         z_t = alpha_t * x_enc_t + sigma_t * eps
@@ -774,7 +783,9 @@ class DiffEnc(nn.Module):
         x_hat = predict_x(out, z_t, alpha_t, sigma_t, self.cfg.param)
         err = scaled_error(out, eps, x_enc_t, alpha_t, sigma_t, self.cfg.param)
         euler = self.cfg.encoder != "none"
-        return T * diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat, euler)
+        kl = diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat,
+                                     euler)
+        return T * kl
 
 
 def discrete_step(t, T):
@@ -788,7 +799,8 @@ def same_dropout_mask(device, *calls):
     one call. Returns the calls' results."""
     outs = []
     for call in calls[:-1]:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        devices = [] if device.type == "cpu" else [device]
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
             outs.append(call())
     return outs + [calls[-1]()]
 
@@ -809,7 +821,7 @@ def bits_per_dim(terms, image_shape):
 
 @torch.no_grad()
 def sample(model, n, T, seed, keep=(), var_ratio=None):
-    """n samples with T steps. Returns (x (n, C, H, W) uint8, {step i: x_hat at t = i/T} for i in keep).
+    """n samples with T steps. Returns (x (n, C, H, W) uint8, {step i: x_hat at t = i/T, i in keep}).
     var_ratio (T,): sigma_P^2 / sigma_Q^2 of each step i = 1..T instead of 1 (section 4)."""
     device, dtype = model.schedule.b.device, model.schedule.b.dtype
     g = rng(seed, RNG["sample"])  # noise drawn on the CPU: the same samples on every device
@@ -826,7 +838,7 @@ def sample(model, n, T, seed, keep=(), var_ratio=None):
             kept[i] = x_hat.cpu()
         mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, euler)
         var = var if var_ratio is None else var * var_ratio[i - 1]
-        z = mean + var.sqrt() * noise()                                         # the last step is stochastic too
+        z = mean + var.sqrt() * noise()                      # the last step is stochastic too
     return decode(z, gammas[0]).cpu(), kept
 
 
@@ -969,7 +981,7 @@ def draw_noise(seed, step, n_total, image_shape, offset=0, n=None):
     return t, eps, eps_0
 
 
-GOLDEN = (math.sqrt(5) - 1) / 2  # the Weyl sequence frac(u + i * GOLDEN) is evenly spread for every n
+GOLDEN = (math.sqrt(5) - 1) / 2  # frac(u + i * GOLDEN), i = 0..n-1, is evenly spread for every n
 
 
 def eval_noise(seed, indices, image_shape, draw=0):
@@ -1057,7 +1069,8 @@ def save_checkpoint(state, path):
         return True
     except (OSError, RuntimeError) as e:
         reason = str(getattr(e, "strerror", None) or e).splitlines()[0]
-        print(f"diffenc: could not write {path} ({reason}); the previous file there is intact", file=sys.stderr)
+        print(f"diffenc: could not write {path} ({reason}); the previous file there is intact",
+              file=sys.stderr)
         return False
 
 
@@ -1068,14 +1081,14 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-        raise DiffEncError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or corrupt); "
-                           f"use another checkpoint of the run (e.g. best.pt)") from None
+        raise DiffEncError(f"{path} is not a readable checkpoint ({type(e).__name__}: truncated or "
+                           f"corrupt); use another checkpoint of the run (e.g. best.pt)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise DiffEncError(f"{path} is not a diffenc checkpoint of format {CKPT_FORMAT}; pass a latest.pt or "
-                           f"best.pt written by this diffenc.py")
+        raise DiffEncError(f"{path} is not a diffenc checkpoint of format {CKPT_FORMAT}; pass a "
+                           f"latest.pt or best.pt written by this diffenc.py")
     if ckpt.pop("sha256", None) != content_digest(ckpt):
-        raise DiffEncError(f"{path} is corrupt: its content does not match the digest saved with it; "
-                           f"use another checkpoint of the run (e.g. best.pt)")
+        raise DiffEncError(f"{path} is corrupt: its content does not match the digest saved with "
+                           f"it; use another checkpoint of the run (e.g. best.pt)")
     return ckpt
 
 
@@ -1160,11 +1173,13 @@ def prepare_out(cfg):
         atomic_write(os.path.join(cfg.out, ".write-test"), lambda f: f.write(b"ok"))
         os.remove(os.path.join(cfg.out, ".write-test"))
     except OSError as e:
-        raise DiffEncError(f"cannot write to --out {cfg.out} ({e.strerror or e}); choose a writable folder") from None
+        raise DiffEncError(f"cannot write to --out {cfg.out} ({e.strerror or e}); choose a writable "
+                           f"folder") from None
     lock = lock_run_folder(cfg.out)
     if os.path.exists(latest) and not cfg.resume:
         lock.close()
-        raise DiffEncError(f"{cfg.out} already holds a run ({latest}); add --resume to continue it, or choose another --out")
+        raise DiffEncError(f"{cfg.out} already holds a run ({latest}); add --resume to continue it, "
+                           f"or choose another --out")
     return lock
 
 
@@ -1181,8 +1196,8 @@ def lock_run_folder(out):
         f.seek(0)
         owner = f.read().strip() or "unknown"
         f.close()
-        raise DiffEncError(f"{out} is in use by another training run (process {owner}); wait for it to end, "
-                           f"or choose another --out") from None
+        raise DiffEncError(f"{out} is in use by another training run (process {owner}); wait for it "
+                           f"to end, or choose another --out") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -1208,7 +1223,8 @@ def train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world):
     bpd, shape (3,); the weights are left untouched when that is not finite."""
     for group in opt.param_groups:
         group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
-    terms = torch.stack([bits_per_dim([a], model.image_shape).mean() for a in net(x, t, eps, eps_0)])  # (3,)
+    terms = torch.stack([bits_per_dim([a], model.image_shape).mean()     # (3,): the batch means
+                         for a in net(x, t, eps, eps_0)])                  # of diff, latent, recon
     report = terms.detach().clone()
     if world > 1:
         dist.all_reduce(report)
@@ -1231,38 +1247,45 @@ def train(cfg):
     rank, world, device = setup_distributed()
     settle_speed(cfg, device)
     if cfg.batch_size % world:
-        raise DiffEncError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes; pick a multiple of {world}")
+        raise DiffEncError(f"--batch-size {cfg.batch_size} is not divisible by the {world} "
+                           f"processes; pick a multiple of {world}")
     data = load_dataset(cfg.dataset, cfg.data_dir, "train")                   # (N, C, H, W) uint8
     test = load_dataset(cfg.dataset, cfg.data_dir, "test")
     if len(data) < cfg.batch_size:
-        raise DiffEncError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images; lower it")
-    torch.manual_seed(cfg.seed)  # initial weights; a network that cannot be built fails before --out is touched
+        raise DiffEncError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training "
+                           f"images; lower it")
+    # Initial weights. A network that cannot be built fails here, before --out is touched.
+    torch.manual_seed(cfg.seed)
     model = DiffEnc(cfg, data.shape[1:]).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, cfg, device)
+    latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
+    step, best = 0, math.inf
+    saved = None                          # the step that latest.pt holds (None: none written yet)
+    window, n_window = torch.zeros(3, dtype=torch.float64), 0  # reports since the last log row
     lock = log = None
-    previous = {}  # the signal handlers to restore
+    previous = {}                         # the signal handlers to restore
     try:
         lock = prepare_out(cfg) if rank == 0 else None
-        latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
-        step, best, saved = 0, math.inf, None           # saved: the step latest.pt holds (None: none yet)
-        window, n_window = torch.zeros(3, dtype=torch.float64), 0  # sum of the reports since the last row
         if cfg.resume:
             ckpt = load_checkpoint(latest)
             check_compatible(ckpt["config"], cfg, latest)
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["opt"])
-            step, best, saved, n_window = ckpt["step"], ckpt["best_bpd"], ckpt["step"], ckpt["n_window"]
-            window = ckpt["window"]
+            step, best, saved = ckpt["step"], ckpt["best_bpd"], ckpt["step"]
+            window, n_window = ckpt["window"], ckpt["n_window"]
         if cfg.compile:
             model.score.compile()  # in place: state_dict keys stay the same
         net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), image_shape=list(model.image_shape),
-                             step=step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+        state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg),
+                             image_shape=list(model.image_shape), step=step,
+                             model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                              best_bpd=best, window=window, n_window=n_window)
-        holds = lambda: f"{latest} holds step {saved}" if saved is not None else "no checkpoint was written yet"
+        holds = lambda: (f"{latest} holds step {saved}" if saved is not None
+                         else "no checkpoint was written yet")
         stop = []  # the signal that asked us to stop, if any
+
         def on_signal(signum, frame):
             stop.append(signum)
             signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
@@ -1270,26 +1293,34 @@ def train(cfg):
         log = open_log(os.path.join(cfg.out, "log.csv"), step) if rank == 0 else None
         B, t0, start_step, skipped = cfg.batch_size // world, time.time(), step, 0
         if rank == 0:
-            print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, encoder={cfg.encoder}, param={cfg.param}, "
-                  f"schedule={cfg.schedule}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, encoder={cfg.encoder}, "
+                  f"param={cfg.param}, schedule={cfg.schedule}, {n_params:,} parameters, "
                   f"device={device}, world={world}, from step {step} to {cfg.steps}", flush=True)
         while step < cfg.steps:
-            x = data[batch_indices(len(data), cfg.batch_size, step, cfg.seed)][rank * B:(rank + 1) * B].to(device)
-            t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, step, cfg.batch_size, model.image_shape, rank * B, B))
-            torch.manual_seed(int(rng(cfg.seed, step, rank, RNG["dropout"]).initial_seed()))  # dropout masks
-            report = train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world)   # (3,) bpd
-            if torch.isfinite(report).all():
+            # This rank's slice of the global batch and of the global noise; dropout masks are
+            # seeded by (seed, step, rank): everything is a function of the step (exact resume).
+            mine = slice(rank * B, (rank + 1) * B)
+            x = data[batch_indices(len(data), cfg.batch_size, step, cfg.seed)][mine]  # (B, C, H, W)
+            noise = draw_noise(cfg.seed, step, cfg.batch_size, model.image_shape, rank * B, B)
+            t, eps, eps_0 = (a.to(device) for a in noise)       # (B,), (B, C, H, W), (B, C, H, W)
+            torch.manual_seed(int(rng(cfg.seed, step, rank, RNG["dropout"]).initial_seed()))
+            report = train_step(net, model, ema, opt, cfg, step, x.to(device), t, eps, eps_0, world)
+            if torch.isfinite(report).all():                   # report: (3,) bpd
                 window, n_window, skipped = window + report.double(), n_window + 1, 0
             elif not cfg.skip_nonfinite:
-                raise SystemExit(f"diffenc: non-finite loss ({report.sum().item()}) at step {step + 1}; the weights were not "
-                                 f"changed and {holds()}. Lower --lr, set --clip 1, or add --skip-nonfinite"
-                                 + (", then --resume" if saved is not None else ", then run again"))
+                then = ", then --resume" if saved is not None else ", then run again"
+                raise SystemExit(f"diffenc: non-finite loss ({report.sum().item()}) at step "
+                                 f"{step + 1}; the weights were not changed and {holds()}. Lower "
+                                 f"--lr, set --clip 1, or add --skip-nonfinite{then}")
             else:
                 skipped += 1
-                print(f"diffenc: non-finite loss at step {step + 1}; batch skipped (--skip-nonfinite)", file=sys.stderr)
+                print(f"diffenc: non-finite loss at step {step + 1}; batch skipped "
+                      f"(--skip-nonfinite)", file=sys.stderr)
                 if skipped == MAX_SKIPPED:
-                    raise SystemExit(f"diffenc: {skipped} non-finite losses in a row up to step {step + 1}: the run does not "
-                                     f"recover; {holds()}. Lower --lr or set --clip 1")
+                    raise SystemExit(f"diffenc: {skipped} non-finite losses in a row up to step "
+                                     f"{step + 1}: the run does not recover; {holds()}. Lower "
+                                     f"--lr or set --clip 1")
             step += 1
             if world > 1:  # every rank stops at the same step when any got a signal
                 flag = torch.tensor([float(bool(stop))], device=device)
@@ -1297,31 +1328,30 @@ def train(cfg):
                 stop += [signal.SIGTERM] if flag.item() and not stop else []
             if step % cfg.log_every == 0 or step == cfg.steps:
                 if rank == 0 and n_window:  # the mean over the window's finite steps
-                    d, l, r = (window / n_window).tolist()
                     rate = (step - start_step) / (time.time() - t0)
-                    lr = opt.param_groups[0]["lr"]
-                    log.write(f"{step},{d + l + r!r},{d!r},{l!r},{r!r},{lr!r}\n")
-                    log.flush()
-                    print(f"step {step}/{cfg.steps} | bpd {d + l + r:.4f} (diff {d:.4f} latent {l:.5f} recon {r:.5f}) | "
-                          f"lr {lr:.1e} | {rate:.2f} it/s | ETA {format_seconds((cfg.steps - step) / rate)}", flush=True)
+                    write_log_row(log, step, cfg.steps, window / n_window,
+                                  opt.param_groups[0]["lr"], rate)
                 window, n_window = torch.zeros(3, dtype=torch.float64), 0
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                bpd = evaluate(ema, test, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1).mean().item()
-                print(f"step {step} | test bpd {bpd:.4f} (EMA, {cfg.eval_images or len(test)} images)", flush=True)
-                if bpd < best:
-                    best = bpd
+                bpd = evaluate(ema, test, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1)
+                print(f"step {step} | test bpd {bpd.mean():.4f} (EMA, "
+                      f"{cfg.eval_images or len(test)} images)", flush=True)
+                if bpd.mean() < best:
+                    best = bpd.mean().item()
                     save_checkpoint(state(), best_path)
             last = step == cfg.steps or bool(stop)
             if rank == 0 and (step % cfg.save_every == 0 or last):
                 if save_checkpoint(state(), latest):
                     saved = step
                 elif last:
-                    raise SystemExit(f"diffenc: the final checkpoint of step {step} could not be written; {holds()}"
-                                     + ("; continue from there with --resume" if saved is not None else ""))
+                    then = "; continue from there with --resume" if saved is not None else ""
+                    raise SystemExit(f"diffenc: the final checkpoint of step {step} could not be "
+                                     f"written; {holds()}{then}")
             if stop:
                 if rank == 0:
-                    print(f"diffenc: stopped by {signal.Signals(stop[0]).name} after step {step}; {holds()}. "
-                          f"Continue with the same command plus --resume", file=sys.stderr)
+                    print(f"diffenc: stopped by {signal.Signals(stop[0]).name} after step {step}; "
+                          f"{holds()}. Continue with the same command plus --resume",
+                          file=sys.stderr)
                 raise SystemExit(128 + stop[0])
         return model, ema
     finally:
@@ -1332,6 +1362,16 @@ def train(cfg):
                 f.close()
         if world > 1:
             dist.destroy_process_group()
+
+
+def write_log_row(log, step, steps, means, lr, rate):
+    """One row of log.csv (full precision) and the progress line; means: (3,) bpd terms."""
+    d, l, r = means.tolist()
+    log.write(f"{step},{d + l + r!r},{d!r},{l!r},{r!r},{lr!r}\n")
+    log.flush()
+    print(f"step {step}/{steps} | bpd {d + l + r:.4f} (diff {d:.4f} latent {l:.5f} recon "
+          f"{r:.5f}) | lr {lr:.1e} | {rate:.2f} it/s | ETA {format_seconds((steps - step) / rate)}",
+          flush=True)
 
 
 def format_seconds(s):
@@ -1454,36 +1494,40 @@ def optimal_variance_ratios(model, data, seed, batch_size):
     order = torch.randperm(len(data), generator=rng(seed, RNG["sigma_p"]))
     kls = []
     for k0 in range(0, n * T, batch_size):
-        k = torch.arange(k0, min(k0 + batch_size, n * T))              # pair k belongs to step k // n + 1
+        k = torch.arange(k0, min(k0 + batch_size, n * T))              # pair k: step k // n + 1
         x = scale_pixels(data[order[k % len(data)]].to(p.device), p.dtype)  # (b, C, H, W)
-        t = ((k // n + 0.5) / T).to(p.device, p.dtype)                  # inside step k // n + 1
+        t = ((k // n + 0.5) / T).to(p.device, p.dtype)                  # inside that step
         eps, = indexed_normal(k, model.image_shape, 1, seed, RNG["sigma_p"])
-        kls.append(model._discrete(x, t, eps.to(p.device, p.dtype)).double().cpu() / T)  # KL_i, nats
+        kl = model._discrete(x, t, eps.to(p.device, p.dtype)) / T      # KL_i (b,), nats
+        kls.append(kl.double().cpu())
     kl = torch.cat(kls).view(T, n)
     return 1 + 2 * kl.mean(1) / d, 2 * kl.std(1) / math.sqrt(n) / d
 
 
 def report_optimal_variances(model, bpd, run, path, args):
-    """--eval --T T --sigma-p optimal: estimate sigma_P* per step on the training split, evaluate the
-    T-step ELBO with it on the same test images, t and eps as `bpd` (sigma_P = sigma_Q), print both
-    and their paired difference, and write the ratios sigma_P*/sigma_Q per step (CSV and plot)."""
+    """--eval --T T --sigma-p optimal: estimate sigma_P* per step on the training split, evaluate
+    the T-step ELBO with it on the same test images, t and eps as `bpd` (sigma_P = sigma_Q), print
+    both and their paired difference, and write sigma_P*/sigma_Q per step (CSV and plot)."""
     cfg, T = model.cfg, model.cfg.T
     train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
-    ratio, ratio_se = optimal_variance_ratios(model, train_data, args.seed or 0, args.batch_size or cfg.batch_size)
+    batch_size = args.batch_size or cfg.batch_size
+    ratio, ratio_se = optimal_variance_ratios(model, train_data, args.seed or 0, batch_size)
     optimal = run(None, ratio).sum(1)
-    equal, diff = bpd.sum(1), optimal - bpd.sum(1)
+    equal = bpd.sum(1)
+    diff = optimal - equal
     se = lambda a: (a.std() / math.sqrt(len(a))).item()
-    print(f"  {T}-step ELBO, sigma_P = sigma_Q: {equal.mean():.4f} ± {se(equal):.4f}; optimal sigma_P per step "
-          f"(from {SIGMA_P_PAIRS // T * T} training pairs): {optimal.mean():.4f} ± {se(optimal):.4f}; "
-          f"optimal minus equal: {diff.mean():+.5f} ± {se(diff):.5f} bpd (paired)")
+    print(f"  {T}-step ELBO, sigma_P = sigma_Q: {equal.mean():.4f} ± {se(equal):.4f}; optimal "
+          f"sigma_P per step (from {SIGMA_P_PAIRS // T * T} training pairs): {optimal.mean():.4f} ± "
+          f"{se(optimal):.4f}; optimal minus equal: {diff.mean():+.5f} ± {se(diff):.5f} bpd (paired)")
     prefix = os.path.join(os.path.dirname(path) or ".", f"sigma_p_T{T}")
     t_mid = (torch.arange(T, dtype=torch.float64) + 0.5) / T
+    rows = zip(range(1, T + 1), t_mid.tolist(), ratio.tolist(), ratio_se.tolist())
     atomic_write(f"{prefix}.csv", lambda f: f.write(("step,t_mid,var_ratio,se\n" + "".join(
-        f"{i + 1},{t!r},{r!r},{s!r}\n" for i, (t, r, s) in enumerate(zip(t_mid.tolist(), ratio.tolist(),
-                                                                      ratio_se.tolist())))).encode()))
-    line_plot(f"{prefix}.png", t_mid.numpy(), [ratio.sqrt().numpy(), np.ones(T)], [(220, 40, 40), (0, 0, 0)])
-    print(f"  wrote {prefix}.csv and {prefix}.png: sigma_P*/sigma_Q per step (red) against t; black = 1; "
-          f"largest {ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
+        f"{i},{t!r},{r!r},{s!r}\n" for i, t, r, s in rows)).encode()))
+    red, black = (220, 40, 40), (0, 0, 0)
+    line_plot(f"{prefix}.png", t_mid.numpy(), [ratio.sqrt().numpy(), np.ones(T)], [red, black])
+    print(f"  wrote {prefix}.csv and {prefix}.png: sigma_P*/sigma_Q per step (red) against t; "
+          f"black = 1; largest {ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
     return ratio, equal, optimal
 
 
@@ -1502,8 +1546,8 @@ def linear_net_schedule(schedule):
 
 
 def tune_schedule(model, data, T, steps, lr, batch_size, seed):
-    """Fit the schedule's shape to T-step inference: minimise the T-step training loss over the shape
-    of a `net` schedule (converted from a fixed or scalar one, linear at the start) with the
+    """Fit the schedule's shape to T-step inference: minimise the T-step training loss over the
+    shape of a `net` schedule (converted from a fixed or scalar one, linear at the start) with the
     networks and gamma's endpoints frozen [DiffEnc: optimizing the noise schedule for inference].
     The shape stays monotone by construction. Returns the tuned model (cfg.schedule "net",
     cfg.T = T) and the training loss (bpd) per step."""
@@ -1515,11 +1559,13 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
     for p in shape:
         p.requires_grad_(True)
     opt = torch.optim.Adam(shape, lr=lr)
-    p0, losses = model.schedule.b, []
+    device, dtype, losses = model.schedule.b.device, model.schedule.b.dtype, []
     for step in range(steps):
-        x_int = data[batch_indices(len(data), batch_size, step, seed)].to(p0.device)     # (B, C, H, W)
-        t, eps, _ = (a.to(p0.device, p0.dtype) for a in draw_noise(seed, step, batch_size, model.image_shape))
-        loss = bits_per_dim([model._discrete(scale_pixels(x_int, p0.dtype), t, eps)], model.image_shape).mean()
+        x_int = data[batch_indices(len(data), batch_size, step, seed)].to(device)  # (B, C, H, W)
+        noise = draw_noise(seed, step, batch_size, model.image_shape)
+        t, eps, _ = (a.to(device, dtype) for a in noise)
+        kl_T = model._discrete(scale_pixels(x_int, dtype), t, eps)                # (B,) nats
+        loss = bits_per_dim([kl_T], model.image_shape).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1533,26 +1579,31 @@ def run_tune_schedule(ckpt_path, args):
     ckpt = load_checkpoint(ckpt_path)
     cfg = Config(**ckpt["config"])
     if not args.T:
-        raise DiffEncError("--tune-schedule tunes the schedule for T-step inference; give --T, e.g. --T 10")
+        raise DiffEncError("--tune-schedule tunes the schedule for T-step inference; give --T, "
+                           "e.g. --T 10")
     device, seed, batch_size = pick_device(), args.seed or 0, args.batch_size or cfg.batch_size
     train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
     test = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
     model = model_from_checkpoint(ckpt, device, T=args.T)
-    test_bpd = lambda: evaluate(model, test, batch_size, seed, args.eval_images or 0, args.eval_samples).sum(1)
+    n_test = args.eval_images or 0
+    test_bpd = lambda: evaluate(model, test, batch_size, seed, n_test, args.eval_samples).sum(1)
     before = test_bpd()
-    model, losses = tune_schedule(model, train_data, args.T, args.steps or 500, args.lr or 1e-3, batch_size, seed)
+    steps, lr = args.steps or 500, args.lr or 1e-3
+    model, losses = tune_schedule(model, train_data, args.T, steps, lr, batch_size, seed)
     after = test_bpd()
     path = os.path.join(os.path.dirname(ckpt_path) or ".", f"tuned_T{args.T}.pt")
-    state = model.state_dict()
-    save_checkpoint(dict(format=CKPT_FORMAT, config=dataclasses.asdict(model.cfg), image_shape=list(model.image_shape),
-                         step=ckpt["step"], model=state, ema=state, opt={}, best_bpd=math.inf,
+    weights = model.state_dict()
+    save_checkpoint(dict(format=CKPT_FORMAT, config=dataclasses.asdict(model.cfg),
+                         image_shape=list(model.image_shape), step=ckpt["step"], model=weights,
+                         ema=weights, opt={}, best_bpd=math.inf,
                          window=torch.zeros(3, dtype=torch.float64), n_window=0), path)
     se = lambda a: (a.std() / math.sqrt(len(a))).item()
     d = after - before
-    print(f"{ckpt_path}: test {args.T}-step bpd {before.mean():.4f} ± {se(before):.4f} with its schedule, "
-          f"{after.mean():.4f} ± {se(after):.4f} tuned ({len(losses)} steps, training loss "
-          f"{np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}); tuned minus original {d.mean():+.4f} ± "
-          f"{se(d):.4f} (paired); wrote {path} (schedule net, T = {args.T}: for --eval and --sample)")
+    print(f"{ckpt_path}: test {args.T}-step bpd {before.mean():.4f} ± {se(before):.4f} with its "
+          f"schedule, {after.mean():.4f} ± {se(after):.4f} tuned ({len(losses)} steps, training "
+          f"loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}); tuned minus original "
+          f"{d.mean():+.4f} ± {se(d):.4f} (paired); wrote {path} (schedule net, T = {args.T}: "
+          f"for --eval and --sample)")
     return before, after, model
 
 

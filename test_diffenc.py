@@ -105,7 +105,8 @@ def toy_losses(t, x, eps, schedule=SCHEDULE):
     x_hat = toy_x_hat(z, gamma)
     v_hat = (alpha * z - x_hat) / sigma  # the v-prediction that gives this x_hat
     err = de.scaled_error(v_hat, eps, x_enc, alpha, sigma, "v")
-    return de.diffusion_loss_continuous(*flat(dgamma_dt, alpha, sigma, err, dx_enc, sigma ** 2 * x_hat)), (s, ds_dt)
+    terms = flat(dgamma_dt, alpha, sigma, err, dx_enc, sigma ** 2 * x_hat)
+    return de.diffusion_loss_continuous(*terms), (s, ds_dt)
 
 
 def toy_integrand(t, schedule=SCHEDULE):
@@ -125,7 +126,8 @@ def gauss_legendre(panels=400, order=16):
 
 
 def toy_L_inf(schedule=SCHEDULE):
-    """L_inf = int_0^1 E[integrand] dt by composite Gauss-Legendre (exact to ~1e-12 for this smooth integrand)."""
+    """L_inf = int_0^1 E[integrand] dt by composite Gauss-Legendre (exact to ~1e-12 for this
+    smooth integrand)."""
     t, w = gauss_legendre()
     return (toy_integrand(t, schedule) * w).sum().item()
 
@@ -198,18 +200,20 @@ def test_each_step_of_the_discrete_loss_tends_to_the_continuous_integrand_with_r
     The T are large because both networks embed time as sin(1000 t f), f up to 1, which makes the
     integrand oscillate with period ~0.006 in t; first order sets in once 1/T is well below that."""
     model = randomize(small_model(image=(1, 4, 4))).eval()
-    x = de.scale_pixels(torch.randint(0, 256, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)))
+    x = de.scale_pixels(torch.randint(0, 256, (2, 1, 4, 4), generator=seeded(0)))
     eps = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.05, 0.37])
     with torch.no_grad():
-        assert encoder_y(model, x, model.schedule(t))[1].abs().mean() > 0.1, "dy/dgamma must be non-trivial"
+        dy_dgamma = encoder_y(model, x, model.schedule(t))[1]
+        assert dy_dgamma.abs().mean() > 0.1, "dy/dgamma must be non-trivial"
         gaps = []
         for T in (2 ** 14, 2 ** 16, 2 ** 18):
             model.cfg.T = T
             t_T = torch.round(t * T) / T                          # a step starts exactly at t_T
             gaps.append(model._discrete(x, t_T, eps) - model._continuous(x, t_T, eps))
     ratios = [(a / b).tolist() for a, b in zip(gaps, gaps[1:])]
-    print(f"\nT KL_i - integrand at T = 4^7, 4^8, 4^9: {[g.tolist() for g in gaps]}; ratios {ratios}")
+    print(f"\nT KL_i - integrand at T = 4^7, 4^8, 4^9: {[g.tolist() for g in gaps]}; "
+          f"ratios {ratios}")
     assert all(3 < r < 5 for pair in ratios for r in pair)
 
 
@@ -263,7 +267,7 @@ def test_training_with_dropout_uses_one_encoder_mask_for_both_ends_of_a_step():
     the difference would be dropout noise of size ~1 divided by 18/T: a loss growing as T^2."""
     shape = (1, 8, 8)
     model = small_model(image=shape, enc_dropout=0.5).train()
-    x = de.scale_pixels(torch.randint(0, 256, (2, *shape), generator=torch.Generator().manual_seed(0)))
+    x = de.scale_pixels(torch.randint(0, 256, (2, *shape), generator=seeded(0)))
     eps = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
     gaps = []
     for T in (1000, 4000, 16000):
@@ -273,7 +277,8 @@ def test_training_with_dropout_uses_one_encoder_mask_for_both_ends_of_a_step():
         discrete = model._discrete(x, t, eps)
         torch.manual_seed(5)                                  # the same mask for the jvp's call
         gaps.append((discrete - model._continuous(x, t, eps)).abs().detach())
-    print(f"\n|T KL_i - integrand| in training mode, T = 1000, 4000, 16000: {[g.tolist() for g in gaps]}")
+    print(f"\n|T KL_i - integrand| in training mode, T = 1000, 4000, 16000: "
+          f"{[g.tolist() for g in gaps]}")
     assert all((a > 2.5 * b).all() for a, b in zip(gaps, gaps[1:]))
 
 
@@ -365,12 +370,13 @@ def test_only_ratio_one_keeps_the_elbo_bounded_as_T_grows(L_inf):
     assert loss(20_000, 1.0) == pytest.approx(L_inf, rel=0.01)
 
 
-# ----------------------------------------------------------------------------- 3b. the schedule at finite and infinite depth
+# ----------------------------------------------------------------------------- 3b. schedules, finite T
 
 
 def net_schedule(seed):
-    """VDM's monotone-network schedule with gamma from -13.3 to 5 and a random shape far from linear
-    (its own initialisation is within ~1% of linear): the sigmoid layer alone, weights ~N(0, 3^2)."""
+    """VDM's monotone-network schedule with gamma from -13.3 to 5 and a random shape far from
+    linear (its own initialisation is within ~1% of linear): the sigmoid layer alone, weights
+    ~N(0, 3^2)."""
     schedule = random_schedule("net", seed, 3.0, 1, 0.0)
     with torch.no_grad():
         schedule.b.fill_(-13.3)
@@ -396,7 +402,8 @@ def test_tuning_the_schedule_shape_lowers_the_T_step_loss_and_keeps_it_monotone(
     """[DiffEnc: optimizing the noise schedule for inference] For T = 5 the loss depends on the
     schedule's interior. Starting from the linear schedule (linear_net_schedule: a monotone net
     within 1e-3 of it), 40 Adam steps on the shape alone (endpoints frozen) lower the toy's exact
-    L_5 by more than 10% (observed 26%); the tuned schedule is still non-decreasing with the same endpoints, and
+    L_5 by more than 10% (observed 26%); the tuned schedule is still non-decreasing with the same
+    endpoints, and
     its L_inf is unchanged (1e-9)."""
     schedule = de.linear_net_schedule(de.NoiseSchedule("fixed", -13.3, 5.0))
     t = torch.linspace(0, 1, 101)
@@ -417,7 +424,7 @@ def test_tuning_the_schedule_shape_lowers_the_T_step_loss_and_keeps_it_monotone(
     assert toy_L_inf(schedule) == pytest.approx(L_inf, rel=1e-9)
 
 
-HERMITE_3 = np.polynomial.hermite_e.hermegauss(3)  # exact for E[polynomial of degree <= 5] under N(0, 1)
+HERMITE_3 = np.polynomial.hermite_e.hermegauss(3)  # exact for E[degree <= 5 polynomial], N(0, 1)
 
 
 def toy_loss_moments(t, schedule, hook=False):
@@ -450,12 +457,12 @@ def test_the_variance_gradient_trains_the_shape_to_lower_the_variance_and_keeps_
     _, second = toy_loss_moments(t, schedule)
     direct = torch.autograd.grad(second.mean(), shape)
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(hooked, direct))
-    assert all(b.abs().max() > 0.1 for b in direct[2:])                # the sigmoid layer's (l2, l3)
+    assert all(b.abs().max() > 0.1 for b in direct[2:])          # the sigmoid layer's (l2, l3)
     before = variance()
     opt = torch.optim.Adam(shape, lr=0.05)
     for k in range(30):
         opt.zero_grad()
-        t = (torch.arange(32, dtype=torch.float64) + torch.rand(1, generator=torch.Generator().manual_seed(k))) / 32
+        t = (torch.arange(32, dtype=torch.float64) + torch.rand(1, generator=seeded(k))) / 32
         toy_loss_moments(t, schedule, hook=True)[0].mean().backward()
         opt.step()
     after = variance()
@@ -473,7 +480,8 @@ def test_a_net_schedule_trains_its_shape_on_the_variance_and_its_endpoints_on_th
     model = randomize(small_model(image=shape, schedule="net")).train()
     gen = torch.Generator().manual_seed(0)
     x_int = torch.randint(0, 256, (4, *shape), generator=gen)
-    t, eps, eps_0 = torch.rand(4, generator=gen), torch.randn(4, *shape, generator=gen), torch.randn(4, *shape, generator=gen)
+    t, eps, eps_0 = (torch.rand(4, generator=gen), torch.randn(4, *shape, generator=gen),
+                     torch.randn(4, *shape, generator=gen))
     ends = [model.schedule.b, model.schedule.w]
     net = [p for name, p in model.schedule.named_parameters() if name not in ("b", "w")]
     bpd = lambda: de.bits_per_dim(model(x_int, t, eps, eps_0), shape).mean()
@@ -484,13 +492,15 @@ def test_a_net_schedule_trains_its_shape_on_the_variance_and_its_endpoints_on_th
         ends_plain = torch.autograd.grad(bpd(), ends)
     finally:
         de.variance_gradient = plain
-    model.eval()                                                        # no hooks now; no dropout either way
-    squared = (de.bits_per_dim([model._continuous(de.scale_pixels(x_int), t, eps)], shape) ** 2).mean()
+    model.eval()                                     # no hooks now; no dropout either way
+    per_image = de.bits_per_dim([model._continuous(de.scale_pixels(x_int), t, eps)], shape)
+    squared = (per_image ** 2).mean()
     direct = torch.autograd.grad(squared, net)
     assert all(torch.allclose(a, b, rtol=1e-10) for a, b in zip(hooked[:2], ends_plain))
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-16) for a, b in zip(hooked[2:], direct))
     names = [name for name, _ in model.schedule.named_parameters() if name not in ("b", "w")]
-    assert all(g.abs().max() > 0 for name, g in zip(names, direct) if name != "l1.bias")  # it cancels in s
+    assert all(g.abs().max() > 0 for name, g in zip(names, direct)
+               if name != "l1.bias")                 # l1's bias cancels in the normalised shape
 
 
 # ----------------------------------------------------------------------------- 4. ELBO chain rule
@@ -671,7 +681,38 @@ def test_plain_vdm_loss_is_the_same_in_eps_and_v_form(seed, gamma):
     assert torch.allclose(losses["v"], losses["eps"], rtol=1e-9)
 
 
+@given(seed=st.integers(0, 2 ** 16), gamma=st.floats(-13.3, 5.0))
+def test_v_prediction_trains_its_output_alpha_times_more_weakly_than_eps_prediction(seed, gamma):
+    """[learning speed, README "v- or eps-prediction"] For the same x_hat the two parameterisations
+    have the same loss, but the gradient that reaches the network's output is alpha_t times
+    smaller with v-prediction (err = alpha (v_hat - v) against err = eps_hat - eps), and a unit
+    step of v_hat moves x_hat by sigma where one of eps_hat moves it by sigma/alpha: in x_hat's
+    terms the v-network learns with rate alpha^2 relative to the eps-network, 0.007 at gamma = 5.
+    This is why v-prediction starts slower at high noise and small learning rates (1e-10:
+    rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, eps, eps_hat = (torch.rand(3, 5, generator=gen) * 2 - 1 for _ in range(3))
+    g = torch.full((3, 1), gamma)
+    alpha, sigma = de.alpha_sigma(g)
+    z = alpha * x + sigma * eps
+    x_hat = de.predict_x(eps_hat, z, alpha, sigma, "eps")
+    v_hat = alpha * eps_hat - sigma * x_hat                          # the v-prediction of that x_hat
+    grads, losses = {}, {}
+    for param, out in (("eps", eps_hat), ("v", v_hat)):
+        out = out.clone().requires_grad_()
+        err = de.scaled_error(out, eps, x, alpha, sigma, param)
+        losses[param] = de.diffusion_loss_continuous(18.3, alpha, sigma, err, 0, 0)
+        grads[param], = torch.autograd.grad(losses[param].sum(), out)
+    assert torch.allclose(losses["v"], losses["eps"], rtol=1e-10)
+    assert torch.allclose(grads["v"], alpha * grads["eps"], rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- 7. encoder derivative
+
+
+def seeded(seed):
+    """A CPU random generator with this seed."""
+    return torch.Generator().manual_seed(seed)
 
 
 def randomize(module, std=0.3):
@@ -741,8 +782,8 @@ def test_gradients_through_the_jvp_are_exact():
             finally:
                 del layer.weight
                 layer.weight = weight
-        assert torch.autograd.gradcheck(encode_with, (weight.detach().clone().requires_grad_(),), eps=1e-6, atol=1e-6,
-                                        fast_mode=True)
+        w = weight.detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(encode_with, (w,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def test_the_full_loss_trains_every_encoder_parameter():
@@ -755,7 +796,8 @@ def test_the_full_loss_trains_every_encoder_parameter():
     x_int = torch.randint(0, 256, (2, 1, 4, 4))
     terms = model(x_int, torch.tensor([0.3, 0.8]), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4))
     de.bits_per_dim(terms, model.image_shape).mean().backward()
-    rms = {name: p.grad.pow(2).mean().sqrt().item() for name, p in model.named_parameters() if p.grad is not None}
+    rms = {name: p.grad.pow(2).mean().sqrt().item()
+           for name, p in model.named_parameters() if p.grad is not None}
     largest = max(rms.values())
     for name, _ in model.enc.named_parameters():
         assert rms.get("enc." + name, 0) > 1e-3 * largest, name
@@ -772,7 +814,8 @@ def test_float64_model_has_exact_gradients_through_the_whole_forward():
     model = randomize(small_model(image=shape, schedule="scalar")).eval()
     gen = torch.Generator().manual_seed(0)
     x_int = torch.randint(0, 256, (3, *shape), generator=gen)
-    t, eps, eps_0 = torch.tensor([0.1, 0.5, 0.9]), torch.randn(3, *shape, generator=gen), torch.randn(3, *shape, generator=gen)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    eps, eps_0 = torch.randn(3, *shape, generator=gen), torch.randn(3, *shape, generator=gen)
     bpd = lambda: de.bits_per_dim(model(x_int, t, eps, eps_0), shape).mean()
     assert all(term.dtype == torch.float64 for term in model(x_int, t, eps, eps_0))
     bpd().backward()
@@ -858,8 +901,8 @@ def random_schedule(kind, seed, scale, w_sign, linear):
 
 
 # (seed, scale, w_sign, linear) of random_schedule
-schedule_parameters = st.tuples(st.integers(0, 2 ** 16), st.floats(0.01, 5.0), st.sampled_from([1, -1]),
-                                st.sampled_from([1.0, 0.0]))
+schedule_parameters = st.tuples(st.integers(0, 2 ** 16), st.floats(0.01, 5.0),
+                                st.sampled_from([1, -1]), st.sampled_from([1.0, 0.0]))
 
 
 @given(t=st.lists(st.floats(0, 1), min_size=2, max_size=20), params=schedule_parameters)
@@ -869,7 +912,8 @@ def test_schedules_are_monotone_variance_preserving_with_their_endpoints(t, para
     gamma(0), gamma(1) are the configured / learned endpoints b <= b + |w| (exactly for fixed,
     1e-12 for the network's normalisation)."""
     t = torch.tensor(sorted(t))
-    for s in [de.NoiseSchedule("fixed", -13.3, 5.0)] + [random_schedule(k, *params) for k in ("scalar", "net")]:
+    learned = [random_schedule(kind, *params) for kind in ("scalar", "net")]
+    for s in [de.NoiseSchedule("fixed", -13.3, 5.0)] + learned:
         gamma = s(t)
         alpha, sigma = de.alpha_sigma(gamma)
         assert torch.allclose(alpha ** 2 + sigma ** 2, torch.ones_like(gamma), atol=1e-15)
@@ -930,7 +974,8 @@ def test_encoder_starts_at_the_data_and_stays_bounded(seed):
         assert model.encode(x, g.expand(2), False)[0].abs().max().item() <= 1
 
 
-PRESET_SHAPES = [(size, dataset) for size in ("tiny", "small", "large") for dataset in ("mnist", "cifar10")]
+PRESET_SHAPES = [(size, data) for size in ("tiny", "small", "large")
+                 for data in ("mnist", "cifar10")]
 
 
 @pytest.mark.parametrize("size, dataset", PRESET_SHAPES)
@@ -954,8 +999,8 @@ def test_every_preset_sees_gamma_in_the_score_network_and_the_encoder(size, data
 def test_a_group_norm_with_one_channel_per_group_is_refused():
     """[architecture; no silent fallback] A GroupNorm whose groups would hold one channel (or do
     not divide the channels) is an error at construction that names the flags to change."""
-    for kw in (dict(n_embd=32, norm_groups=32), dict(enc_ch=16, norm_groups=16), dict(enc_ch=16, enc_norm_groups=16),
-               dict(n_embd=24, norm_groups=16)):
+    for kw in (dict(n_embd=32, norm_groups=32), dict(enc_ch=16, norm_groups=16),
+               dict(enc_ch=16, enc_norm_groups=16), dict(n_embd=24, norm_groups=16)):
         cfg = de.Config(**{**NET, **kw})
         with pytest.raises(de.DiffEncError, match="--norm-groups"):
             de.DiffEnc(cfg, (1, 8, 8))
@@ -1012,7 +1057,8 @@ def test_sampler_with_the_exact_denoiser_draws_the_data_distribution(encoder, mo
     assert x0.var().item() == pytest.approx(s ** 2, rel=0.03)
 
 
-def test_the_sampler_takes_each_steps_variance_and_the_optimal_one_makes_few_steps_exact(monkeypatch):
+def test_the_sampler_takes_each_steps_variance_and_the_optimal_one_makes_few_steps_exact(
+        monkeypatch):
     """[DiffEnc: variance ratio; sampling] With T = 5 steps the generative variance matters. For
     Gaussian data x ~ N(0.2, 0.5^2) and the exact denoiser, the true reverse step has variance
     sigma_Q^2 + (alpha_s kappa)^2 Var(x | z_t) (x_hat is exact in mean, not in value), and that is
@@ -1024,19 +1070,22 @@ def test_the_sampler_takes_each_steps_variance_and_the_optimal_one_makes_few_ste
     model.score = GaussianDenoiser(m, s, "none")
     gammas = SCHEDULE(torch.linspace(0, 1, T + 1))
     ratio = torch.empty(T)
-    for i in range(1, T + 1):                                           # step i: from t = i/T to s = (i-1)/T
-        (alpha_s, sigma_s), (alpha_t, sigma_t) = de.alpha_sigma(gammas[i - 1]), de.alpha_sigma(gammas[i])
+    for i in range(1, T + 1):                                 # step i: from t = i/T to s = (i-1)/T
+        alpha_s, sigma_s = de.alpha_sigma(gammas[i - 1])
+        alpha_t, sigma_t = de.alpha_sigma(gammas[i])
         kappa = -torch.expm1(gammas[i - 1] - gammas[i])
         var_x = s ** 2 * sigma_t ** 2 / (alpha_t ** 2 * s ** 2 + sigma_t ** 2)  # Var(x | z_t)
         ratio[i - 1] = 1 + (alpha_s * kappa) ** 2 * var_x / (kappa * sigma_s ** 2)
     monkeypatch.setattr(de, "decode", lambda z_0, gamma_0: z_0 / de.alpha_sigma(gamma_0)[0])
     optimal, _ = de.sample(model, 2000, T, seed=0, var_ratio=ratio)
     equal, _ = de.sample(model, 2000, T, seed=0)
-    print(f"\nvariance of z_0/alpha_0 with T = 5: optimal {optimal.var():.4f}, equal {equal.var():.4f}, data {s ** 2}")
+    print(f"\nvariance of z_0/alpha_0 with T = 5: optimal {optimal.var():.4f}, "
+          f"equal {equal.var():.4f}, data {s ** 2}")
     assert optimal.var().item() == pytest.approx(s ** 2, rel=0.03) and equal.var() < 0.9 * s ** 2
 
 
-def test_eval_with_the_optimal_variance_per_step_lowers_the_T_step_bound(tmp_path, monkeypatch, capsys, float32):
+def test_eval_with_the_optimal_variance_per_step_lowers_the_T_step_bound(tmp_path, monkeypatch,
+                                                                         capsys, float32):
     """[DiffEnc: variance ratio] --eval CKPT --T 8 --sigma-p optimal estimates each step's optimal
     sigma_P^2 / sigma_Q^2 (>= 1: sigma_Q^2 plus a mean square) on training images and evaluates
     the 8-step ELBO on the test images with it and with sigma_P = sigma_Q, paired: the optimal
@@ -1052,14 +1101,15 @@ def test_eval_with_the_optimal_variance_per_step_lowers_the_T_step_bound(tmp_pat
     assert "8-step ELBO" in out and "(paired)" in out
     rows = (tmp_path / "sigma_p_T8.csv").read_text().splitlines()
     ratios = [float(r.split(",")[2]) for r in rows[1:]]
-    assert rows[0] == "step,t_mid,var_ratio,se" and len(ratios) == 8 and min(ratios) >= 1 and max(ratios) > 1.01
+    assert rows[0] == "step,t_mid,var_ratio,se" and len(ratios) == 8
+    assert min(ratios) >= 1 and max(ratios) > 1.01
     difference = float(out.split("optimal minus equal: ")[1].split()[0])
     assert difference < 0
 
 
 def test_tune_schedule_lowers_the_T_step_test_bound_with_frozen_networks(tmp_path, capsys, float32):
-    """[DiffEnc: optimizing the noise schedule for inference] --tune-schedule CKPT --T 4 tunes only the
-    schedule's shape (the networks and gamma's endpoints are unchanged, the schedule stays
+    """[DiffEnc: optimizing the noise schedule for inference] --tune-schedule CKPT --T 4 tunes only
+    the schedule's shape (the networks and gamma's endpoints are unchanged, the schedule stays
     non-decreasing) and lowers the 4-step bound on the same test images (paired; by 3 standard
     errors), writing a checkpoint whose --eval uses the tuned schedule and T = 4."""
     model = small_model("none", image=(1, 16, 16), dataset="synthetic")
@@ -1074,7 +1124,7 @@ def test_tune_schedule_lowers_the_T_step_test_bound_with_frozen_networks(tmp_pat
     assert tuned["config"]["schedule"] == "net" and tuned["config"]["T"] == 4
     before, after = model.state_dict(), tuned["ema"]
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("schedule."))
-    assert torch.equal(before["schedule.b"], after["schedule.b"]) and torch.equal(before["schedule.w"], after["schedule.w"])
+    assert all(torch.equal(before[k], after[k]) for k in ("schedule.b", "schedule.w"))
     tuned_model = de.model_from_checkpoint(tuned, torch.device("cpu"))
     gamma = tuned_model.schedule(torch.linspace(0, 1, 201))
     assert (gamma.diff() >= 0).all() and tuned_model.cfg.T == 4
@@ -1146,8 +1196,9 @@ def test_decode_returns_the_pixel_whose_grid_value_is_nearest():
         z_0 = alpha_0 * (de.scale_pixels(k) + u * 2 / 256)
         assert torch.equal(de.decode(z_0.view(256, 1), g0).view(-1), k.to(torch.uint8))
     z_0 = alpha_0 * (de.scale_pixels(k)[::17] + 0.3 * 2 / 256)          # 16 test points
-    nll = torch.stack([de.recon_loss(torch.full((16, 1), j), (z_0 / alpha_0).view(16, 1), g0.view(1, 1),
-                                     torch.zeros(16, 1)) for j in range(256)], 1)   # (16, 256)
+    u = (z_0 / alpha_0).view(16, 1)
+    nll = torch.stack([de.recon_loss(torch.full((16, 1), j), u, g0.view(1, 1), torch.zeros(16, 1))
+                       for j in range(256)], 1)                        # (16, 256)
     assert torch.equal(nll.argmin(1), k[::17])
 
 
@@ -1157,13 +1208,15 @@ def test_bits_per_dim_and_the_training_loss_are_in_bits_per_dimension():
     optimises and reports is the batch mean of the three terms divided by d ln 2, term by term."""
     shape = (1, 4, 4)
     d = math.prod(shape)
-    assert de.bits_per_dim([torch.full((3,), d * math.log(256))], shape).tolist() == pytest.approx([8.0] * 3, rel=1e-15)
+    uniform = de.bits_per_dim([torch.full((3,), d * math.log(256))], shape)
+    assert uniform.tolist() == pytest.approx([8.0] * 3, rel=1e-15)
     model = small_model(image=shape).train()
     x_int = torch.randint(0, 256, (4, *shape), generator=torch.Generator().manual_seed(0))
     t, eps, eps_0 = (a.double() for a in de.draw_noise(0, 0, 4, shape))
     expected = torch.stack(model(x_int, t, eps, eps_0)).mean(1).detach() / (d * math.log(2))  # (3,)
     opt = de.make_optimizer(model, model.cfg, torch.device("cpu"))
-    report = de.train_step(model, model, copy.deepcopy(model), opt, model.cfg, 0, x_int, t, eps, eps_0, 1)
+    ema = copy.deepcopy(model)
+    report = de.train_step(model, model, ema, opt, model.cfg, 0, x_int, t, eps, eps_0, 1)
     assert torch.allclose(report, expected, rtol=1e-12, atol=0) and report[0] > 1
 
 
@@ -1532,7 +1585,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(tmp_path
         proc.wait()
         de.load_checkpoint(str(killed / "latest.pt"))  # loadable after the kill
     run_cli("--train", "synthetic", *TINY, "--steps", 8, "--save-every", 2, "--eval-every", 1000, "--out", killed, "--resume")
-    assert (straight / "log.csv").read_text() == (killed / "log.csv").read_text()   # row for row, once each
+    # row for row, every row once
+    assert (straight / "log.csv").read_text() == (killed / "log.csv").read_text()
     a, b = (de.load_checkpoint(str(d / "latest.pt")) for d in (straight, killed))
     assert a["step"] == b["step"] == 8
     for key in ("model", "ema"):
@@ -1610,7 +1664,8 @@ def test_skip_nonfinite_skips_only_the_bad_batch(tmp_path, monkeypatch, float32)
     assert sorted(log_rows(tmp_path / "run" / "log.csv")) == [1, 2, 4, 5]  # the 3rd batch (logged as 3) skipped
 
 
-def test_skipped_batches_still_save_stop_on_a_signal_and_give_up_in_the_end(tmp_path, monkeypatch, float32):
+def test_skipped_batches_still_save_stop_on_a_signal_and_give_up_in_the_end(tmp_path, monkeypatch,
+                                                                            float32):
     """[robustness] Skipping a batch does not skip the rest of the step: with NaN losses from step 3
     on, checkpoints are still written on schedule; SIGTERM during the skipping still saves and
     exits 143; and after MAX_SKIPPED non-finite losses in a row the run gives up (exit 1) with a
@@ -1619,7 +1674,7 @@ def test_skipped_batches_still_save_stop_on_a_signal_and_give_up_in_the_end(tmp_
     with pytest.raises(SystemExit, match="in a row") as e:
         de.train(tiny_config(tmp_path / "a", steps=100, skip_nonfinite=True, save_every=3))
     gave_up_at = 2 + de.MAX_SKIPPED                       # steps 3 .. 12 are skipped
-    last_save = (gave_up_at - 1) // 3 * 3                 # step 12 itself is not saved: the run gave up in it
+    last_save = (gave_up_at - 1) // 3 * 3    # step 12 itself is not saved: the run gave up in it
     assert f"up to step {gave_up_at}" in e.value.code and f"holds step {last_save}" in e.value.code
     assert de.load_checkpoint(str(tmp_path / "a" / "latest.pt"))["step"] == last_save
     forward, calls = de.DiffEnc.forward, [0]
@@ -1638,10 +1693,11 @@ def test_skipped_batches_still_save_stop_on_a_signal_and_give_up_in_the_end(tmp_
 
 @pytest.mark.parametrize("error, words", [
     (OSError(28, "No space left on device"), "No space left on device"),
-    (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/3: "
-                  "file write failed\nException raised from ..."), "PytorchStreamWriter failed writing file")])
-def test_a_failed_final_save_keeps_the_previous_checkpoint_and_exits_nonzero(tmp_path, monkeypatch, float32, capsys,
-                                                                              error, words):
+    (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing "
+                  "file data/3: file write failed\nException raised from ..."),
+     "PytorchStreamWriter failed writing file")])
+def test_a_failed_final_save_keeps_the_previous_checkpoint_and_exits_nonzero(
+        tmp_path, monkeypatch, float32, capsys, error, words):
     """[robustness] Disk full (OSError) or a failed write inside torch.save (RuntimeError, as
     PyTorch raises it) while writing the final checkpoint: the previous latest.pt is untouched
     and loadable, no temporary file is left, and the run exits non-zero with one message naming
@@ -1684,7 +1740,8 @@ def test_log_after_a_kill_and_resume_equals_the_uninterrupted_log(tmp_path, monk
     assert sorted(log_rows(tmp_path / "killed" / "log.csv")) == [3, 6]
     monkeypatch.setattr(de, "train_step", step_fn)
     de.train(tiny_config(tmp_path / "killed", resume=True, **kw))
-    assert (tmp_path / "killed" / "log.csv").read_text() == (tmp_path / "straight" / "log.csv").read_text()
+    killed, straight = (tmp_path / name / "log.csv" for name in ("killed", "straight"))
+    assert killed.read_text() == straight.read_text()
 
 
 def test_a_changed_byte_in_a_checkpoint_never_loads_as_different_content(tmp_path, float32):
@@ -1741,7 +1798,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
     truncated.write_bytes((run / "latest.pt").read_bytes()[:2000])
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    base = ["--size", "tiny", "--n-embd", 8, "--norm-groups", 4, "--enc-ch", 8, "--enc-norm-groups", 2, "--batch-size", 8]
+    base = ["--size", "tiny", "--n-embd", 8, "--norm-groups", 4, "--enc-ch", 8, "--enc-norm-groups", 2,
+            "--batch-size", 8]
     cases = [  # (argv, words the message must contain)
         (["--train", "imagenet", *base], "the data set must be one of"),
         (["--train", "mnist", *base, "--data-dir", tmp_path / "empty", "--out", tmp_path / "o1"], "train-images-idx3-ubyte.gz"),
@@ -1751,7 +1809,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         (["--train", "synthetic", *base, "--n-embd", 16, "--out", run, "--resume"], "--n-embd 8"),
         (["--train", "synthetic", *base, "--out", run], "--resume"),
         (["--train", "synthetic", *base, "--enc-levels", 5, "--out", tmp_path / "o2"], "--enc-levels"),
-        (["--train", "synthetic", "--size", "tiny", "--norm-groups", 32, "--out", tmp_path / "o3"], "--norm-groups"),
+        (["--train", "synthetic", "--size", "tiny", "--norm-groups", 32, "--out", tmp_path / "o3"],
+         "--norm-groups"),
         (["--train", "synthetic", *base, "--steps", 0], "--steps must be positive"),
         (["--train", "synthetic", *base[:-1], -4], "--batch-size must be positive"),
         (["--train", "synthetic", *base, "--lr", -1], "--lr must be positive"),
@@ -1761,7 +1820,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         (["--train", "synthetic", *base, "--seed", -1], "--seed must be in"),
         (["--train", "synthetic", *base, "--weight-decay", -1], "--weight-decay must be 0 or more"),
         (["--train", "synthetic", *base, "--eval-images", -5], "--eval-images must be"),
-        (["--train", "synthetic", "--size", "tiny", "--n-embd", 1, "--out", tmp_path / "o4"], "--norm-groups"),
+        (["--train", "synthetic", "--size", "tiny", "--n-embd", 1, "--out", tmp_path / "o4"],
+         "--norm-groups"),
         (["--train", "synthetic", *base, "--data-dir", a_file], "--data-dir must be a folder"),
         (["--train", "synthetic", *base, "--out", tmp_path / "never", "--resume"], "no checkpoint"),
         (["--eval", run / "latest.pt", "--batch-size", -1], "--batch-size must be positive"),
@@ -1792,11 +1852,12 @@ def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(tmp_path, monkeypa
 
 
 BAD_VALUES = dict(  # one value out of range for every Config field
-    dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine", gamma_min=-1e6,
-    gamma_max=31.0, T=-1, size="huge", n_embd=0, n_layer=0, norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0,
-    enc_norm_groups=0, dropout=1.5, enc_dropout=-0.1, steps=0, batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0,
-    clip=-1.0, ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0,
-    skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
+    dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine",
+    gamma_min=-1e6, gamma_max=31.0, T=-1, size="huge", n_embd=0, n_layer=0, norm_groups=0, enc_ch=-8,
+    enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5, enc_dropout=-0.1, steps=0,
+    batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, ema=1.0, seed=-1, out="",
+    resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0, skip_nonfinite=1,
+    sample_steps=0, amp="no", compile=None)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
@@ -1812,7 +1873,8 @@ def test_every_config_field_rejects_an_out_of_range_value(name):
     assert str(e.value).startswith(flag + " must be") and "\n" not in str(e.value)
 
 
-def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_runs_lock_is_not(tmp_path, capsys, float32):
+def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_runs_lock_is_not(tmp_path, capsys,
+                                                                                 float32):
     """[robustness] While a run holds --out (its lock on run.lock), a second training there, with
     or without --resume, is refused with one line naming the holder's process id, and writes
     nothing. A lock file left by a run that died (no process holds the lock) does not block."""
@@ -1821,10 +1883,11 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_runs_lock_is_not(
     (out / "run.lock").write_text("999999")                              # a dead run's lock file
     de.train(tiny_config(out, steps=3, resume=True))                    # not blocked by it
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    held = de.lock_run_folder(str(out))                                 # a live run holds the folder
+    held = de.lock_run_folder(str(out))                           # a live run holds the folder
     try:
         for extra in ([], ["--resume"]):
-            code, err = main_error(capsys, "--train", "synthetic", *TINY, "--steps", 5, "--out", out, *extra)
+            argv = ["--train", "synthetic", *TINY, "--steps", 5, "--out", out, *extra]
+            code, err = main_error(capsys, *argv)
             assert code == 2 and f"process {os.getpid()}" in err and err.count("\n") == 1
     finally:
         held.close()
