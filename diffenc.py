@@ -1461,15 +1461,21 @@ def run_eval(ckpt_paths, args):
     table = torch.stack([v for pair in cols for v in pair], 1).tolist()          # (11, 2 per column)
     atomic_write(f"{prefix}.csv", lambda f: f.write(("t," + ",".join(names) + "\n" + "".join(
         f"{t:.1f}," + ",".join(f"{v!r}" for v in row) + "\n" for t, row in zip(PER_T, table))).encode()))
-    colors = [(0, 0, 0), (220, 40, 40), (40, 80, 220), (40, 160, 40)]
-    line_plot(f"{prefix}.png", PER_T, [m.numpy() for m, _ in cols[:len(curves)]], colors)
-    legend = ", ".join(f"{n} = {p}" for n, p in zip(("black", "red", "blue", "green"), ckpt_paths))
-    print(f"wrote {prefix}.csv and {prefix}.png: diffusion-loss integrand (bpd) vs t; {legend}")
+    name = lambda path: os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run folder
+    colors = ("black", "#d62728", "#1f77b4", "#2ca02c")
+    svg_plot(f"{prefix}.svg", PER_T, [(m.numpy(), c, name(p), False) for (m, _), c, p
+                                      in zip(cols[:len(curves)], colors, ckpt_paths)],
+             "t", "diffusion-loss integrand at t (bpd)")
+    legend = ", ".join(f"{c} = {p}" for c, p in zip(colors, ckpt_paths))
+    print(f"wrote {prefix}.csv and {prefix}.svg: diffusion-loss integrand (bpd) vs t; {legend}")
     if len(curves) > 1:
-        m, s = cols[-1]
-        line_plot(f"{prefix}_diff.png", PER_T, [m.numpy(), (m - 2 * s).numpy(), (m + 2 * s).numpy(), 0 * m.numpy()],
-                  [(0, 0, 0), (160, 160, 160), (160, 160, 160), (220, 40, 40)])
-        print(f"wrote {prefix}_diff.png: {ckpt_paths[-1]} minus {ckpt_paths[0]} per t (black) ± 2 standard errors (gray); red = 0")
+        m, s = (v.numpy() for v in cols[-1])
+        svg_plot(f"{prefix}_diff.svg", PER_T,
+                 [(m, "black", f"{name(ckpt_paths[-1])} minus {name(ckpt_paths[0])}", False),
+                  (m - 2 * s, "gray", "± 2 standard errors", True), (m + 2 * s, "gray", None, True),
+                  (0 * m, "#d62728", None, False)], "t", "paired difference (bpd)")
+        print(f"wrote {prefix}_diff.svg: {ckpt_paths[-1]} minus {ckpt_paths[0]} per t ± 2 standard "
+              f"errors")
     return curves
 
 
@@ -1524,10 +1530,10 @@ def report_optimal_variances(model, bpd, run, path, args):
     rows = zip(range(1, T + 1), t_mid.tolist(), ratio.tolist(), ratio_se.tolist())
     atomic_write(f"{prefix}.csv", lambda f: f.write(("step,t_mid,var_ratio,se\n" + "".join(
         f"{i},{t!r},{r!r},{s!r}\n" for i, t, r, s in rows)).encode()))
-    red, black = (220, 40, 40), (0, 0, 0)
-    line_plot(f"{prefix}.png", t_mid.numpy(), [ratio.sqrt().numpy(), np.ones(T)], [red, black])
-    print(f"  wrote {prefix}.csv and {prefix}.png: sigma_P*/sigma_Q per step (red) against t; "
-          f"black = 1; largest {ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
+    svg_plot(f"{prefix}.svg", t_mid.numpy(),
+             [(ratio.sqrt().numpy(), "#d62728", f"T = {T}", False), (np.ones(T), "black", None, True)],
+             "t (middle of the step)", "optimal sigma_P / sigma_Q")
+    print(f"  wrote {prefix}.csv and {prefix}.svg: sigma_P*/sigma_Q per step against t; largest {ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
     return ratio, equal, optimal
 
 
@@ -1637,9 +1643,9 @@ def run_sample(ckpt_path, args):
     return x, kept
 
 
-# Figures. PNGs drawn with numpy alone: image panels through image_grid, signed maps through a
-# blue-white-red colour map (the authors' heat maps use matplotlib's `bwr`), curves through
-# line_plot with a 3x5-pixel font for the tick labels.
+# Figures, with numpy and the standard library alone: images and signed maps as PNG grids
+# (image_grid, and a blue-white-red colour map like the authors' matplotlib `bwr`), curves as SVG
+# (svg_plot: text stays text, and the figure scales).
 
 def to_rgb(x):
     """Scaled images in [-1, 1] (N, C, H, W) -> uint8 (N, 3, H, W); gray is repeated, so gray
@@ -1661,58 +1667,54 @@ def write_panels(path, panels, ncol):
     write_png(path, image_grid(panels.cpu(), ncol).repeat(k, 0).repeat(k, 1))
 
 
-FONT = dict(zip("0123456789.-", (  # 3x5 glyphs, row by row
-    "111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
-    "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111",
-    "000000000000010", "000000111000000")))
-
-
-def draw_text(img, text, x, y, k=2):
-    """Draw `text` (digits, '.', '-') in black with its top-left corner at pixel (x, y), k px per font pixel."""
-    for ch in text:
-        glyph = np.kron(np.array([int(b) for b in FONT[ch]]).reshape(5, 3), np.ones((k, k), int))
-        img[y:y + 5 * k, x:x + 3 * k][glyph == 1] = 0
-        x += 4 * k
-
-
 def nice_ticks(lo, hi, n=5):
-    """At most ~n round tick values (1, 2 or 5 times a power of ten apart) in [lo, hi], and their decimals."""
+    """At most ~n round tick values (1, 2 or 5 times a power of ten apart) in [lo, hi], and the
+    decimals their labels need."""
     raw = (hi - lo) / n
-    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    unit = 10 ** math.floor(math.log10(raw))
+    step = next(m * unit for m in (1, 2, 5, 10) if m * unit >= raw)
     ticks = np.arange(math.ceil(lo / step), math.floor(hi / step) + 1) * step
     return ticks, max(0, -math.floor(math.log10(step)))
 
 
-def line_plot(path, x, ys, colors, size=(300, 480)):
-    """Plot the curves ys[k] (n,) against x (n,) in colors[k] (RGB) as a PNG, with gridlines and
-    tick labels; the caption (what the curves are) is printed by the caller."""
-    H, W = size
-    img = np.full((H, W, 3), 255, np.uint8)
-    left, right, top, bottom = 64, W - 12, 10, H - 26                       # the plot box
-    lo, hi = min(float(np.min(y)) for y in ys), max(float(np.max(y)) for y in ys)
-    lo, hi = (lo - 1, hi + 1) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-    px = lambda v: left + (np.asarray(v) - x[0]) / (x[-1] - x[0]) * (right - left)
-    py = lambda v: bottom - (np.asarray(v) - lo) / (hi - lo) * (bottom - top)
+def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300)):
+    """Write a line plot as SVG: real text, any scale, shown by GitHub and every browser.
+    x: (n,); curves: [(y (n,), CSS colour, legend label or None, dashed)]."""
+    W, H = size
+    left, right, top, bottom = 64, W - 12, 12, H - 40                       # the plot box, px
+    ys = np.concatenate([np.asarray(y, float) for y, *_ in curves])
+    lo, hi = float(ys.min()), float(ys.max())
+    pad = 0.05 * (hi - lo) if hi - lo > 1e-9 else 1.0
+    lo, hi = lo - pad, hi + pad
+    px = lambda v: left + (v - x[0]) / (x[-1] - x[0]) * (right - left)
+    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+    el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+          f'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>']
     ticks, dec = nice_ticks(lo, hi)
     for v in ticks:
-        r, label = int(round(py(v))), f"{v:.{dec}f}"
-        img[r, left:right] = 220
-        draw_text(img, label, left - 6 - 8 * len(label), r - 5)
-    ticks, dec = nice_ticks(x[0], x[-1])
+        el += [f'<line x1="{left}" x2="{right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#ddd"/>',
+               f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{dec}f}</text>']
+    ticks, dec = nice_ticks(float(x[0]), float(x[-1]))
     for v in ticks:
-        c, label = int(round(px(v))), f"{v:.{dec}f}"
-        img[top:bottom, c] = 220
-        draw_text(img, label, c - 4 * len(label), bottom + 6)
-    img[top, left:right + 1] = img[bottom, left:right + 1] = 0
-    img[top:bottom + 1, left] = img[top:bottom + 1, right] = 0
-    for y, color in zip(ys, colors):
-        for i in range(len(x) - 1):                                          # each segment, 2 px wide
-            n = int(max(abs(px(x[i + 1]) - px(x[i])), abs(py(y[i + 1]) - py(y[i])))) + 2
-            cs = np.round(np.linspace(px(x[i]), px(x[i + 1]), n)).astype(int)
-            rs = np.round(np.linspace(py(y[i]), py(y[i + 1]), n)).astype(int)
-            for d in (0, 1):
-                img[np.clip(rs + d, 0, H - 1), np.clip(cs, 0, W - 1)] = color
-    write_png(path, img)
+        el += [f'<line x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{top}" y2="{bottom}" stroke="#ddd"/>',
+               f'<text x="{px(v):.1f}" y="{bottom + 14}" text-anchor="middle">{v:.{dec}f}</text>']
+    el += [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
+           f'fill="none" stroke="black"/>',
+           f'<text x="{(left + right) / 2}" y="{H - 6}" text-anchor="middle">{xlabel}</text>',
+           f'<text transform="translate(14 {(top + bottom) / 2}) rotate(-90)" '
+           f'text-anchor="middle">{ylabel}</text>']
+    for k, (y, color, label, dashed) in enumerate(curves):
+        dash = ' stroke-dasharray="5 3"' if dashed else ""
+        points = " ".join(f"{px(a):.2f},{py(b):.2f}" for a, b in zip(x, y))
+        el.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"'
+                  f'{dash}/>')
+        if label:                                                 # legend, top right, one row each
+            ly = top + 14 + 14 * k
+            el += [f'<line x1="{right - 150}" x2="{right - 130}" y1="{ly - 4}" y2="{ly - 4}" '
+                   f'stroke="{color}" stroke-width="1.5"{dash}/>',
+                   f'<text x="{right - 126}" y="{ly}">{label}</text>']
+    svg = "\n".join(el + ["</svg>\n"])
+    atomic_write(path, lambda f: f.write(svg.encode()))
 
 
 # Seeing what the encoder learned [DiffEnc: experiments, Fig. 2; code: encoder_inspector.py].
@@ -1766,13 +1768,14 @@ def run_inspect(ckpt_path, args):
     stats = np.array([[v.item() for v in (e.min(), e.mean(), e.max())] for e in (encoder_at(model, xs, t)[0] for t in RANGE_TS)])
     atomic_write(f"{prefix}_range.csv", lambda f: f.write(("t,min,mean,max\n" + "".join(
         f"{t:.2f},{a!r},{b!r},{c!r}\n" for t, (a, b, c) in zip(RANGE_TS, stats.tolist()))).encode()))
-    line_plot(f"{prefix}_range.png", RANGE_TS, list(stats.T), [(40, 80, 220), (0, 0, 0), (220, 40, 40)])
+    svg_plot(f"{prefix}_range.svg", RANGE_TS, [(v, c, n, False) for v, c, n in zip(
+        stats.T, ("#1f77b4", "black", "#d62728"), ("min", "mean", "max"))], "t", "x_phi(lambda_t)")
 
     print(f"wrote {prefix}_grid.png: rows x_phi(lambda_t) and (x_phi - alpha_t^2 x) of {R} test images at t = "
           f"{', '.join(map(str, INSPECT_TS))}; colour scale +-{lim:.3g} (red +, blue -)")
     print(f"wrote {prefix}_rate.png: (x_phi(t) - x_phi(t - {RATE_DT}))/{RATE_DT} summed over channels at t = "
           f"{', '.join(map(str, RATE_TS))} (columns); colour scales +-" + ", +-".join(f"{v:.3g}" for v in lims.tolist()))
-    print(f"wrote {prefix}_range.csv/.png: min (blue), mean (black), max (red) of x_phi over {len(xs)} test images vs t")
+    print(f"wrote {prefix}_range.csv/.svg: min (blue), mean (black), max (red) of x_phi over {len(xs)} test images vs t")
     return added, rate, stats
 
 

@@ -1435,21 +1435,32 @@ def test_tick_values_are_round_evenly_spaced_and_inside_the_range(lo, width):
     assert len({f"{v:.{dec}f}" for v in ticks}) == len(ticks)
 
 
-def test_line_plot_draws_straight_data_as_a_straight_rising_line(tmp_path):
-    """[figures] line_plot maps data to pixels linearly: y = 2x + 1 drawn in pure red is a straight
-    run of pixels (residual < 1.5 px from a fitted line) that rises to the right across most of
-    the image, and a curve drawn above it in data lies above it in pixels."""
+def svg_curves(path):
+    """The polylines of an SVG written by svg_plot: {stroke colour: points (n, 2)}, and its texts."""
+    import xml.etree.ElementTree as ET
+    root = ET.parse(path).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    curves = {p.get("stroke"): np.array([[float(v) for v in pt.split(",")]
+                                         for pt in p.get("points").split()])
+              for p in root.iter(ns + "polyline")}
+    return curves, [t.text for t in root.iter(ns + "text")]
+
+
+def test_svg_plot_draws_straight_data_as_a_straight_rising_line_with_real_text(tmp_path):
+    """[figures] svg_plot maps data to the page linearly: y = 2x + 1 is a straight polyline
+    (residual < 0.01 px, the rounding of the file, from a fitted line) that rises to the right across most of the plot; a
+    curve above it in data lies above it on the page; the axis labels, tick labels and legend
+    are SVG text, and the file is well-formed XML."""
     x = np.linspace(0, 1, 11)
-    de.line_plot(tmp_path / "p.png", x, [2 * x + 1, 2 * x + 1.5], [(255, 0, 0), (0, 0, 255)])
-    img = read_png(tmp_path / "p.png").astype(int)
-    red = (img[..., 0] == 255) & (img[..., 1] == 0) & (img[..., 2] == 0)
-    blue = (img[..., 0] == 0) & (img[..., 1] == 0) & (img[..., 2] == 255)
-    rows, cols = np.nonzero(red)
+    de.svg_plot(tmp_path / "p.svg", x, [(2 * x + 1, "red", "low", False),
+                                         (2 * x + 1.5, "blue", "high", True)], "t", "bpd")
+    curves, texts = svg_curves(tmp_path / "p.svg")
+    (cols, rows), above = curves["red"].T, curves["blue"]
     slope, icpt = np.polyfit(cols, rows, 1)
-    assert np.abs(rows - (slope * cols + icpt)).max() < 1.5
-    assert slope < 0 and cols.max() - cols.min() > 0.8 * img.shape[1]
-    for c in np.unique(cols)[::20]:                                     # blue above red, column by column
-        assert np.nonzero(blue[:, c])[0].mean() < np.nonzero(red[:, c])[0].mean()
+    assert np.abs(rows - (slope * cols + icpt)).max() < 0.01
+    assert slope < 0 and cols.max() - cols.min() > 0.8 * 480
+    assert (above[:, 1] < rows).all() and np.allclose(above[:, 0], cols)
+    assert {"t", "bpd", "low", "high", "0.0", "1.0"} <= set(texts)
 
 
 def test_inspect_shows_an_encoder_that_starts_at_the_data_and_stays_in_range(tmp_path):
@@ -1474,7 +1485,8 @@ def test_inspect_shows_an_encoder_that_starts_at_the_data_and_stays_in_range(tmp
     grid = read_png(tmp_path / "inspect_step0_grid.png")
     k = 96 // 16                                                        # panels are upscaled to >= 96 px
     assert grid.shape == (k * (2 * de.INSPECT_ROWS * 18 + 2), k * (len(de.INSPECT_TS) * 18 + 2), 3)
-    assert read_png(tmp_path / "inspect_step0_range.png").shape[2] == 3
+    curves, _ = svg_curves(tmp_path / "inspect_step0_range.svg")              # min, mean, max
+    assert all(len(c) == len(de.RANGE_TS) for c in curves.values()) and len(curves) == 3
 
 
 def test_per_t_curve_at_initialisation_matches_its_closed_form_and_pairs_checkpoints(tmp_path, capsys):
