@@ -22,29 +22,33 @@ Citations. "[DiffEnc: <topic>]" points to the part of the paper that states the 
 deliberately not quoted (we could not verify them against the final paper). Derivations that
 the paper leaves implicit are written out in the docstrings, so this file stands on its own.
 
-How to run:
+How to run (every flag is a field of Config, section 8; `--help` lists them):
     pip install -r requirements.txt
-    python diffenc.py --train cifar10                      # the paper's 8-block DiffEnc model
+    python diffenc.py --train cifar10                        # the paper's 8-block DiffEnc model
     python diffenc.py --train mnist --size tiny --steps 300  # minutes on a laptop CPU
-    python diffenc.py --eval runs/diffenc/latest.pt        # test-set bits/dim with standard error
-    python diffenc.py --sample runs/diffenc/latest.pt      # PNG grids: samples, x_hat along the way
-    python diffenc.py --inspect runs/diffenc/latest.pt     # what the encoder does: x_phi over t, rates
-    python diffenc.py --eval runs/vdm/latest.pt runs/diffenc/latest.pt --per-t  # loss per t, paired
-    python diffenc.py --bench --size tiny                  # seconds per step, memory, ratios
-    torchrun --nproc_per_node=4 diffenc.py --train cifar10 # data-parallel on 4 GPUs
-    pytest -q                                              # the paper's theory, checked numerically
+    python diffenc.py --eval runs/diffenc/latest.pt          # test bits/dim with standard error
+    python diffenc.py --sample runs/diffenc/latest.pt        # PNG grids of samples and x_hat
+    python diffenc.py --inspect runs/diffenc/latest.pt       # what the encoder does over t
+    python diffenc.py --eval A/latest.pt B/latest.pt --per-t # loss per t, paired
+    python diffenc.py --eval A/latest.pt --T 10 --sigma-p optimal  # finite depth (section 7)
+    python diffenc.py --bench --size tiny                    # seconds per step, memory, ratios
+    torchrun --nproc_per_node=4 diffenc.py --train cifar10   # data-parallel on 4 GPUs
+    pytest -q                                                # the theory, checked numerically
 
-Sections (the order in which the paper builds the method):
-    1. Noise schedule          gamma(t), alpha, sigma, SNR
+Sections. The method, in the order in which the paper builds it (read these to learn DiffEnc):
+    1. Noise schedule          gamma(t), alpha, sigma, SNR; learned endpoints and shape
     2. Encoder                 x_phi(x, lambda) and dx_phi/dlambda (none / fixed / learned)
     3. Networks                VDM score U-Net, encoder U-Net
     4. Losses                  continuous and discrete diffusion loss, variance ratio, prior, recon
-    5. The model and the ELBO  bits per dimension
-    6. Sampling                ancestral sampler that never calls the encoder; PNG writer
-    7. Data                    CIFAR-10, MNIST (official files, md5-checked), synthetic
-    8. Training                AdamW, EMA, atomic checkpoints, exact resume, DDP
-    9. Evaluation, inspection and benchmark
-   10. Command line
+    5. The model and the ELBO  DiffEnc.forward: recon + prior + diffusion, in bits per dimension
+    6. Sampling                the ancestral sampler, which never calls the encoder
+    7. Finite depth            optimal sigma_P per step; a schedule tuned for T-step inference
+The machinery (read these to train):
+    8. Configuration  9. Data  10. Training  11. Evaluation, sampling and figures
+    12. Benchmark (optional)  13. Command line
+Where things are: the encoder's derivative term dx_phi/dlambda is `encoder_mean` (its formula)
+and `DiffEnc.encode` (the network's dy/dgamma by forward-mode AD); the loss that uses it is
+`diffusion_loss_continuous`; the bound is `DiffEnc.forward` (its three terms) and `bits_per_dim`.
 """
 
 import argparse
@@ -79,137 +83,6 @@ import torch.nn.functional as F
 
 class DiffEncError(Exception):
     """A problem with the user's input or files. main() prints it on one line and exits 2."""
-
-
-# -------------------------------------------------------------------------------------------------
-# 0. Configuration
-#
-# One dataclass holds every setting; presets are dicts of overrides; argparse is built from the
-# dataclass (section 10), so a flag exists exactly when a field does. Defaults are the paper's
-# small CIFAR-10 model (DiffEnc-8-2: 8-block score U-Net, 2-level encoder U-Net), trained with
-# the official optimiser settings [code: config/config_opt_adamw_0002_no_clip.json].
-# -------------------------------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    # what to model
-    dataset: str = field(default="cifar10", metadata=dict(
-        choices=("cifar10", "mnist", "synthetic"), help="the data set (set by --train or --bench)"))
-    data_dir: str = field(default="./data", metadata=dict(help="where data sets are cached / looked for"))
-    encoder: str = field(default="learned", metadata=dict(
-        choices=("none", "fixed", "learned"),
-        help="none: plain VDM (x_phi = x); fixed: x_phi = alpha^2 x; learned: DiffEnc's trainable encoder"))
-    param: str = field(default="v", metadata=dict(
-        choices=("v", "eps"), help="what the score network predicts: v (the paper's choice) or eps"))
-    schedule: str = field(default="fixed", metadata=dict(
-        choices=("fixed", "scalar", "net"),
-        help="fixed: linear gamma; scalar: learned endpoints (the paper's train_scalar); net: VDM's monotone "
-             "network, whose shape minimises the variance of the loss estimate in continuous time (VDM App. "
-             "I.2; the ELBO depends only on the endpoints) and the T-step loss for --T > 0"))
-    gamma_min: float = field(default=-13.3, metadata=dict(help="gamma(0) = -log SNR at t=0 (VDM's value)"))
-    gamma_max: float = field(default=5.0, metadata=dict(help="gamma(1) = -log SNR at t=1 (VDM's value)"))
-    T: int = field(default=0, metadata=dict(
-        help="0 = continuous-time loss (the paper), T > 0 = the T-step loss; with --eval, --sample or "
-             "--tune-schedule: the T-step ELBO / sampler of any checkpoint"))
-    # networks
-    size: str = field(default="small", metadata=dict(choices=("tiny", "small", "large"), help="preset: tiny (CPU, tests), small (8 blocks), large (32 blocks)"))
-    n_embd: int = field(default=128, metadata=dict(help="score U-Net channels"))
-    n_layer: int = field(default=8, metadata=dict(help="score U-Net ResNet blocks per half (8 or 32 in the paper)"))
-    dropout: float = field(default=0.1, metadata=dict(help="dropout in the score U-Net"))
-    norm_groups: int = field(default=32, metadata=dict(
-        help="GroupNorm groups of the score U-Net and the encoder's level blocks and attention (32: Flax's default)"))
-    enc_norm_groups: int = field(default=16, metadata=dict(
-        help="GroupNorm groups of the encoder's middle blocks and output (16: the official encoder config)"))
-    enc_ch: int = field(default=64, metadata=dict(help="encoder U-Net channels at full resolution"))
-    enc_levels: int = field(default=2, metadata=dict(help="encoder U-Net resolution levels (each halves H, W)"))
-    enc_blocks: int = field(default=1, metadata=dict(help="encoder ResNet blocks per level"))
-    enc_dropout: float = field(default=0.1, metadata=dict(help="dropout in the encoder U-Net"))
-    # optimisation
-    steps: int = field(default=1_400_000, metadata=dict(help="training steps (the paper's small models: 1.4M)"))
-    batch_size: int = field(default=128, metadata=dict(help="global batch size (split over DDP ranks)"))
-    lr: float = field(default=2e-4, metadata=dict(help="AdamW learning rate"))
-    warmup: int = field(default=100, metadata=dict(help="linear learning-rate warm-up steps"))
-    weight_decay: float = field(default=0.01, metadata=dict(help="AdamW decoupled weight decay (not on biases or the schedule)"))
-    clip: float = field(default=0.0, metadata=dict(help="gradient-norm clipping; 0 = off (the paper)"))
-    ema: float = field(default=0.9999, metadata=dict(help="EMA decay of the weights used for eval and sampling"))
-    seed: int = field(default=0, metadata=dict(help="seed for init, data order, t, eps and dropout"))
-    # bookkeeping
-    out: str = field(default="runs/diffenc", metadata=dict(help="run folder: checkpoints, log.csv, samples"))
-    resume: bool = field(default=False, metadata=dict(help="continue the run in --out from latest.pt"))
-    log_every: int = field(default=100, metadata=dict(help="steps between progress lines / log.csv rows"))
-    eval_every: int = field(default=2000, metadata=dict(help="steps between test-BPD evaluations (EMA weights)"))
-    eval_images: int = field(default=0, metadata=dict(help="test images used by periodic evaluation and by --eval; 0 = all"))
-    save_every: int = field(default=2000, metadata=dict(help="steps between checkpoints"))
-    skip_nonfinite: bool = field(default=False, metadata=dict(help="skip a batch whose loss is NaN/inf instead of stopping"))
-    sample_steps: int = field(default=1000, metadata=dict(help="sampler steps T (the paper: 1000)"))
-    amp: bool = field(default=False, metadata=dict(help="bf16 autocast for the networks (CUDA)"))
-    compile: bool = field(default=False, metadata=dict(help="torch.compile the score network (CUDA)"))
-
-
-PRESETS = {
-    # Small enough for hundreds of MNIST steps in minutes on 2 CPU cores (measured in README).
-    # GroupNorm needs >= 2 channels per group to keep the time embedding (see group_norm): 8 groups
-    # of 4 channels in the score net, 8 and 4 groups of >= 2 channels in the encoder.
-    "tiny": dict(n_embd=32, n_layer=1, enc_ch=16, norm_groups=8, enc_norm_groups=4, batch_size=32, log_every=10, eval_every=200,
-                 eval_images=1000, save_every=200, ema=0.999),
-    "small": dict(),  # the defaults: the paper's DiffEnc-8-2
-    # DiffEnc-32-4: 32 blocks; the paper's encoder for it is unet_mult_res_4 (2 levels x 2 blocks).
-    "large": dict(n_layer=32, enc_blocks=2),
-}
-
-# Fields that define the network and the likelihood: a checkpoint can only be resumed or
-# evaluated with the same values (the others, e.g. steps or lr, may change on resume).
-MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
-                "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups")
-
-
-# What each field's value must be: every Config field has a rule here, a list of choices, or is a
-# bool (test_every_config_field_rejects_an_out_of_range_value checks that), so no field can be
-# left unchecked. Widths that GroupNorm cannot split, and images that the encoder's levels cannot
-# halve, are refused when the model is built.
-POSITIVE = (lambda v: 0 < v < math.inf, "positive")
-UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
-GAMMA = (lambda v: -30 <= v <= 30,  # beyond, alpha or sigma is below float32's resolution of 1
-         "in [-30, 30]")
-RULES = dict(
-    data_dir=(lambda v: v != "" and not os.path.isfile(v), "a folder, not a file"),
-    gamma_min=GAMMA, gamma_max=GAMMA,
-    T=(lambda v: v >= 0, "0 (continuous time) or a positive number of steps"),
-    n_embd=POSITIVE, n_layer=POSITIVE, norm_groups=POSITIVE, enc_ch=POSITIVE, enc_levels=POSITIVE,
-    enc_blocks=POSITIVE, enc_norm_groups=POSITIVE, dropout=UNIT, enc_dropout=UNIT,
-    steps=POSITIVE, batch_size=POSITIVE, lr=POSITIVE,
-    warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
-    weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
-    clip=(lambda v: 0 <= v < math.inf, "0 (off) or a positive gradient norm"),
-    ema=UNIT, seed=(lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
-    out=(lambda v: v != "", "a folder"),
-    log_every=POSITIVE, eval_every=POSITIVE, save_every=POSITIVE, sample_steps=POSITIVE,
-    eval_images=(lambda v: v >= 0, "0 (all) or a positive number of images"),
-)
-
-
-def check_field(name, value):
-    """Refuse a value that a Config field cannot take, naming the flag and what it must be."""
-    f = next(f for f in dataclasses.fields(Config) if f.name == name)
-    if f.type is bool:
-        ok, what = isinstance(value, bool), "true or false"
-    elif "choices" in f.metadata:
-        ok, what = value in f.metadata["choices"], f"one of {', '.join(f.metadata['choices'])}"
-    else:
-        test, what = RULES[name]
-        ok = test(value)
-    if not ok:
-        flag = "the data set" if name == "dataset" else "--" + name.replace("_", "-")
-        raise DiffEncError(f"{flag} must be {what}, got {value!r}")
-
-
-def validate(cfg):
-    """Reject settings that cannot work, with the fix in the message."""
-    for f in dataclasses.fields(cfg):
-        check_field(f.name, getattr(cfg, f.name))
-    if not cfg.gamma_min < cfg.gamma_max:
-        raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max "
-                           f"({cfg.gamma_max})")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -842,30 +715,214 @@ def sample(model, n, T, seed, keep=(), var_ratio=None):
     return decode(z, gammas[0]).cpu(), kept
 
 
-def image_grid(x, nrow, pad=2):
-    """(N, C, H, W) uint8 -> (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) uint8 with a white frame."""
-    N, C, H, W = x.shape
-    rows = -(-N // nrow)
-    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), 255, np.uint8)
-    for k in range(N):
-        r, c = divmod(k, nrow)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[k].permute(1, 2, 0).numpy()
-    return grid
+# -------------------------------------------------------------------------------------------------
+# 7. Finite depth on a trained model [DiffEnc: variance ratio; the noise schedule for inference]
+#
+# For T steps the ELBO's diffusion term is sum_i KL_i. Two things that do not matter as T -> inf
+# do matter here: (1) the generative variance of each step, whose optimum is sigma_P*^2 =
+# sigma_Q^2 + E||mu_Q - mu_P||^2 / d (section 4), estimated on training images and then used on
+# the test set; (2) the schedule's interior, which the T-step loss depends on (the continuous loss
+# only on the endpoints), tuned here with the networks frozen.
+# -------------------------------------------------------------------------------------------------
+
+SIGMA_P_PAIRS = 20_000  # (training image, eps) pairs that estimate the T per-step variances
 
 
-def write_png(path, img):
-    """Write an (H, W, 1) or (H, W, 3) uint8 array as PNG with zlib alone (8-bit gray or RGB)."""
-    img = np.ascontiguousarray(img)
-    H, W, C = img.shape
-    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    rows = b"".join(b"\x00" + img[r].tobytes() for r in range(H))  # filter type 0 on every row
-    header = struct.pack(">IIBBBBB", W, H, 8, 0 if C == 1 else 2, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
-    atomic_write(path, lambda f: f.write(png))
+@torch.no_grad()
+def optimal_variance_ratios(model, data, seed, batch_size):
+    """sigma_P*^2 / sigma_Q^2 = 1 + 2 E[KL_i] / d for each step i = 1..T of model.cfg.T, with its
+    standard error: (T,), (T,). Since KL_i = ||mu_Q - mu_P||^2 / (2 sigma_Q^2) at equal variances,
+    this is section 4's sigma_Q^2 + E||mu_Q - mu_P||^2 / d. Each step is estimated on
+    SIGMA_P_PAIRS // T training images (in a seeded random order), each with its own eps."""
+    T, d, p = model.cfg.T, math.prod(model.image_shape), next(model.parameters())
+    n = max(2, SIGMA_P_PAIRS // T)                                      # pairs per step
+    order = torch.randperm(len(data), generator=rng(seed, RNG["sigma_p"]))
+    kls = []
+    for k0 in range(0, n * T, batch_size):
+        k = torch.arange(k0, min(k0 + batch_size, n * T))              # pair k: step k // n + 1
+        x = scale_pixels(data[order[k % len(data)]].to(p.device), p.dtype)  # (b, C, H, W)
+        t = ((k // n + 0.5) / T).to(p.device, p.dtype)                  # inside that step
+        eps, = indexed_normal(k, model.image_shape, 1, seed, RNG["sigma_p"])
+        kl = model._discrete(x, t, eps.to(p.device, p.dtype)) / T      # KL_i (b,), nats
+        kls.append(kl.double().cpu())
+    kl = torch.cat(kls).view(T, n)
+    return 1 + 2 * kl.mean(1) / d, 2 * kl.std(1) / math.sqrt(n) / d
+
+
+def linear_net_schedule(schedule):
+    """A `net` schedule with the endpoints of `schedule` and a shape within 1e-3 of linear: the
+    monotone network's linear part set to t, its sigmoid layer's output weights to 1e-3 (not 0:
+    |w| has no gradient at 0). The starting point for tuning a fixed or scalar schedule."""
+    net = NoiseSchedule("net", 0.0, 1.0).to(schedule.b)
+    with torch.no_grad():
+        net.b.copy_(schedule.b)
+        net.w.copy_(schedule.w)
+        net.l1.weight.fill_(1.0)
+        net.l1.bias.zero_()
+        net.l3.weight.fill_(1e-3)
+    return net
+
+
+def tune_schedule(model, data, T, steps, lr, batch_size, seed):
+    """Fit the schedule's shape to T-step inference: minimise the T-step training loss over the
+    shape of a `net` schedule (converted from a fixed or scalar one, linear at the start) with the
+    networks and gamma's endpoints frozen [DiffEnc: optimizing the noise schedule for inference].
+    The shape stays monotone by construction. Returns the tuned model (cfg.schedule "net",
+    cfg.T = T) and the training loss (bpd) per step."""
+    model.cfg = dataclasses.replace(model.cfg, T=T, schedule="net")
+    if model.schedule.kind != "net":
+        model.schedule = linear_net_schedule(model.schedule)
+    model.eval().requires_grad_(False)
+    shape = [p for name, p in model.schedule.named_parameters() if name not in ("b", "w")]
+    for p in shape:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(shape, lr=lr)
+    device, dtype, losses = model.schedule.b.device, model.schedule.b.dtype, []
+    for step in range(steps):
+        x_int = data[batch_indices(len(data), batch_size, step, seed)].to(device)  # (B, C, H, W)
+        noise = draw_noise(seed, step, batch_size, model.image_shape)
+        t, eps, _ = (a.to(device, dtype) for a in noise)
+        kl_T = model._discrete(scale_pixels(x_int, dtype), t, eps)                # (B,) nats
+        loss = bits_per_dim([kl_T], model.image_shape).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.requires_grad_(False), losses
 
 
 # -------------------------------------------------------------------------------------------------
-# 7. Data
+# 8. Configuration
+#
+# One dataclass holds every setting; presets are dicts of overrides; argparse is built from the
+# dataclass (section 13), so a flag exists exactly when a field does. Defaults are the paper's
+# small CIFAR-10 model (DiffEnc-8-2: 8-block score U-Net, 2-level encoder U-Net), trained with
+# the official optimiser settings [code: config/config_opt_adamw_0002_no_clip.json].
+# -------------------------------------------------------------------------------------------------
+
+def setting(default, help, choices=None):
+    """A Config field: its default, the one-line help of its flag, and its allowed values."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class Config:
+    # the model: what is modelled, and how (MODEL_FIELDS below must match to resume or evaluate)
+    dataset: str = setting("cifar10", "the data set (set by --train or --bench)",
+                           ("cifar10", "mnist", "synthetic"))
+    encoder: str = setting("learned", "none: VDM (x_phi = x); fixed: x_phi = alpha^2 x; "
+                           "learned: DiffEnc", ("none", "fixed", "learned"))
+    param: str = setting("v", "the score network predicts v (the paper's choice) or eps (learns "
+                         "faster at small lr; see README)", ("v", "eps"))
+    schedule: str = setting("fixed", "fixed: linear gamma; scalar: learned endpoints; net: and a "
+                            "learned shape (section 1)", ("fixed", "scalar", "net"))
+    gamma_min: float = setting(-13.3, "gamma(0) = -log SNR at t = 0 (VDM's value)")
+    gamma_max: float = setting(5.0, "gamma(1) = -log SNR at t = 1 (VDM's value)")
+    T: int = setting(0, "0: continuous-time loss (the paper); T > 0: the T-step loss (also for "
+                     "--eval, --sample, --tune-schedule)")
+    size: str = setting("small", "preset: tiny (CPU, tests), small (8 blocks), large (32 blocks)",
+                        ("tiny", "small", "large"))
+    n_embd: int = setting(128, "score U-Net channels")
+    n_layer: int = setting(8, "score U-Net ResNet blocks per half (8 or 32 in the paper)")
+    dropout: float = setting(0.1, "dropout in the score U-Net")
+    norm_groups: int = setting(32, "GroupNorm groups: score U-Net, encoder levels and attention")
+    enc_norm_groups: int = setting(16, "GroupNorm groups of the encoder's middle and output")
+    enc_ch: int = setting(64, "encoder U-Net channels at full resolution")
+    enc_levels: int = setting(2, "encoder U-Net resolution levels (each halves H, W)")
+    enc_blocks: int = setting(1, "encoder ResNet blocks per level")
+    enc_dropout: float = setting(0.1, "dropout in the encoder U-Net")
+    # optimisation
+    steps: int = setting(1_400_000, "training steps (the paper's small models: 1.4M)")
+    batch_size: int = setting(128, "global batch size (split over DDP ranks)")
+    lr: float = setting(2e-4, "AdamW learning rate")
+    warmup: int = setting(100, "linear learning-rate warm-up steps")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases or the schedule)")
+    clip: float = setting(0.0, "gradient-norm clipping; 0 = off (the paper)")
+    ema: float = setting(0.9999, "EMA decay of the weights used for eval and sampling")
+    seed: int = setting(0, "seed for init, data order, t, eps and dropout")
+    amp: bool = setting(False, "bf16 autocast for the score network (CUDA)")
+    compile: bool = setting(False, "torch.compile the score network (CUDA)")
+    # bookkeeping
+    data_dir: str = setting("./data", "where data sets are cached / looked for")
+    out: str = setting("runs/diffenc", "run folder: checkpoints, log.csv, samples")
+    resume: bool = setting(False, "continue the run in --out from latest.pt")
+    log_every: int = setting(100, "steps between progress lines / log.csv rows")
+    eval_every: int = setting(2000, "steps between test-bpd evaluations (EMA weights)")
+    eval_images: int = setting(0, "test images for periodic evaluation and --eval; 0 = all")
+    save_every: int = setting(2000, "steps between checkpoints")
+    skip_nonfinite: bool = setting(False, "skip a batch whose loss is NaN/inf instead of stopping")
+    sample_steps: int = setting(1000, "sampler steps T (the paper: 1000)")
+
+
+PRESETS = {
+    # Small enough for hundreds of MNIST steps in minutes on 2 CPU cores (measured in README).
+    # GroupNorm needs >= 2 channels per group to keep the time embedding (see group_norm): 8 groups
+    # of 4 channels in the score net, 8 and 4 groups of >= 2 channels in the encoder.
+    "tiny": dict(n_embd=32, n_layer=1, enc_ch=16, norm_groups=8, enc_norm_groups=4,
+                 batch_size=32, log_every=10, eval_every=200, eval_images=1000, save_every=200,
+                 ema=0.999),
+    "small": dict(),  # the defaults: the paper's DiffEnc-8-2
+    # DiffEnc-32-4: 32 blocks; the paper's encoder for it is unet_mult_res_4 (2 levels x 2 blocks).
+    "large": dict(n_layer=32, enc_blocks=2),
+}
+
+# Fields that define the network and the likelihood: a checkpoint can only be resumed or
+# evaluated with the same values (the others, e.g. steps or lr, may change on resume).
+MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
+                "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups")
+
+
+# What each field's value must be: every Config field has a rule here, a list of choices, or is a
+# bool (test_every_config_field_rejects_an_out_of_range_value checks that), so no field can be
+# left unchecked. Widths that GroupNorm cannot split, and images that the encoder's levels cannot
+# halve, are refused when the model is built.
+POSITIVE = (lambda v: 0 < v < math.inf, "positive")
+UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+GAMMA = (lambda v: -30 <= v <= 30,  # beyond, alpha or sigma is below float32's resolution of 1
+         "in [-30, 30]")
+RULES = dict(
+    data_dir=(lambda v: v != "" and not os.path.isfile(v), "a folder, not a file"),
+    gamma_min=GAMMA, gamma_max=GAMMA,
+    T=(lambda v: v >= 0, "0 (continuous time) or a positive number of steps"),
+    n_embd=POSITIVE, n_layer=POSITIVE, norm_groups=POSITIVE, enc_ch=POSITIVE, enc_levels=POSITIVE,
+    enc_blocks=POSITIVE, enc_norm_groups=POSITIVE, dropout=UNIT, enc_dropout=UNIT,
+    steps=POSITIVE, batch_size=POSITIVE, lr=POSITIVE,
+    warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
+    weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
+    clip=(lambda v: 0 <= v < math.inf, "0 (off) or a positive gradient norm"),
+    ema=UNIT, seed=(lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
+    out=(lambda v: v != "", "a folder"),
+    log_every=POSITIVE, eval_every=POSITIVE, save_every=POSITIVE, sample_steps=POSITIVE,
+    eval_images=(lambda v: v >= 0, "0 (all) or a positive number of images"),
+)
+
+
+def check_field(name, value):
+    """Refuse a value that a Config field cannot take, naming the flag and what it must be."""
+    f = next(f for f in dataclasses.fields(Config) if f.name == name)
+    if f.type is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif f.metadata["choices"]:
+        ok, what = value in f.metadata["choices"], f"one of {', '.join(f.metadata['choices'])}"
+    else:
+        test, what = RULES[name]
+        ok = test(value)
+    if not ok:
+        flag = "the data set" if name == "dataset" else "--" + name.replace("_", "-")
+        raise DiffEncError(f"{flag} must be {what}, got {value!r}")
+
+
+def validate(cfg):
+    """Reject settings that cannot work, with the fix in the message."""
+    for f in dataclasses.fields(cfg):
+        check_field(f.name, getattr(cfg, f.name))
+    if not cfg.gamma_min < cfg.gamma_max:
+        raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max "
+                           f"({cfg.gamma_max})")
+
+
+# -------------------------------------------------------------------------------------------------
+# 9. Data
 #
 # Images are kept in memory as uint8 (N, C, H, W). The official files are downloaded once into
 # --data-dir, checked by md5, and read with numpy/pickle; files already there are used without
@@ -1002,7 +1059,7 @@ def indexed_normal(indices, shape, n, *keys):
 
 
 # -------------------------------------------------------------------------------------------------
-# 8. Training
+# 10. Training
 #
 # AdamW (lr 2e-4, betas (0.9, 0.99), eps 1e-8, weight decay 0.01 except on biases), 100-step
 # linear warm-up then constant, no clipping, EMA 0.9999 of the weights for evaluation and
@@ -1380,14 +1437,14 @@ def format_seconds(s):
 
 
 # -------------------------------------------------------------------------------------------------
-# 9. Evaluation, inspection and benchmark
+# 11. Evaluation, sampling and figures
 #
 # Test BPD is the training estimator (one t, one eps, one eps_0 per image; several on request),
 # except that both boundary terms are computed exactly, with EMA weights and dropout off, over the
 # *whole* test set (the official evaluator drops the last partial batch). The standard error is
 # over images. `t_fixed` fixes t for every image, which evaluates the diffusion-loss integrand at
-# that t (the paper's per-t comparison of VDM and DiffEnc). Then the figures of the encoder, and
-# the benchmark.
+# that t (the paper's per-t comparison of VDM and DiffEnc). Then the finite-depth reports, the
+# sampler's grids and the figures of the encoder.
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -1479,37 +1536,6 @@ def run_eval(ckpt_paths, args):
     return curves
 
 
-# Finite depth on a trained model [DiffEnc: variance ratio; the noise schedule for inference].
-# For T steps the ELBO's diffusion term is sum_i KL_i. Two things that do not matter as T -> inf
-# do matter here: (1) the generative variance of each step, whose optimum is sigma_P*^2 =
-# sigma_Q^2 + E||mu_Q - mu_P||^2 / d (section 4), estimated on training images and then used on
-# the test set; (2) the schedule's interior, which the T-step loss depends on (the continuous loss
-# only on the endpoints), tuned here with the networks frozen.
-
-SIGMA_P_PAIRS = 20_000  # (training image, eps) pairs that estimate the T per-step variances
-
-
-@torch.no_grad()
-def optimal_variance_ratios(model, data, seed, batch_size):
-    """sigma_P*^2 / sigma_Q^2 = 1 + 2 E[KL_i] / d for each step i = 1..T of model.cfg.T, with its
-    standard error: (T,), (T,). Since KL_i = ||mu_Q - mu_P||^2 / (2 sigma_Q^2) at equal variances,
-    this is section 4's sigma_Q^2 + E||mu_Q - mu_P||^2 / d. Each step is estimated on
-    SIGMA_P_PAIRS // T training images (in a seeded random order), each with its own eps."""
-    T, d, p = model.cfg.T, math.prod(model.image_shape), next(model.parameters())
-    n = max(2, SIGMA_P_PAIRS // T)                                      # pairs per step
-    order = torch.randperm(len(data), generator=rng(seed, RNG["sigma_p"]))
-    kls = []
-    for k0 in range(0, n * T, batch_size):
-        k = torch.arange(k0, min(k0 + batch_size, n * T))              # pair k: step k // n + 1
-        x = scale_pixels(data[order[k % len(data)]].to(p.device), p.dtype)  # (b, C, H, W)
-        t = ((k // n + 0.5) / T).to(p.device, p.dtype)                  # inside that step
-        eps, = indexed_normal(k, model.image_shape, 1, seed, RNG["sigma_p"])
-        kl = model._discrete(x, t, eps.to(p.device, p.dtype)) / T      # KL_i (b,), nats
-        kls.append(kl.double().cpu())
-    kl = torch.cat(kls).view(T, n)
-    return 1 + 2 * kl.mean(1) / d, 2 * kl.std(1) / math.sqrt(n) / d
-
-
 def report_optimal_variances(model, bpd, run, path, args):
     """--eval --T T --sigma-p optimal: estimate sigma_P* per step on the training split, evaluate
     the T-step ELBO with it on the same test images, t and eps as `bpd` (sigma_P = sigma_Q), print
@@ -1535,48 +1561,6 @@ def report_optimal_variances(model, bpd, run, path, args):
              "t (middle of the step)", "optimal sigma_P / sigma_Q")
     print(f"  wrote {prefix}.csv and {prefix}.svg: sigma_P*/sigma_Q per step against t; largest {ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
     return ratio, equal, optimal
-
-
-def linear_net_schedule(schedule):
-    """A `net` schedule with the endpoints of `schedule` and a shape within 1e-3 of linear: the
-    monotone network's linear part set to t, its sigmoid layer's output weights to 1e-3 (not 0:
-    |w| has no gradient at 0). The starting point for tuning a fixed or scalar schedule."""
-    net = NoiseSchedule("net", 0.0, 1.0).to(schedule.b)
-    with torch.no_grad():
-        net.b.copy_(schedule.b)
-        net.w.copy_(schedule.w)
-        net.l1.weight.fill_(1.0)
-        net.l1.bias.zero_()
-        net.l3.weight.fill_(1e-3)
-    return net
-
-
-def tune_schedule(model, data, T, steps, lr, batch_size, seed):
-    """Fit the schedule's shape to T-step inference: minimise the T-step training loss over the
-    shape of a `net` schedule (converted from a fixed or scalar one, linear at the start) with the
-    networks and gamma's endpoints frozen [DiffEnc: optimizing the noise schedule for inference].
-    The shape stays monotone by construction. Returns the tuned model (cfg.schedule "net",
-    cfg.T = T) and the training loss (bpd) per step."""
-    model.cfg = dataclasses.replace(model.cfg, T=T, schedule="net")
-    if model.schedule.kind != "net":
-        model.schedule = linear_net_schedule(model.schedule)
-    model.eval().requires_grad_(False)
-    shape = [p for name, p in model.schedule.named_parameters() if name not in ("b", "w")]
-    for p in shape:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(shape, lr=lr)
-    device, dtype, losses = model.schedule.b.device, model.schedule.b.dtype, []
-    for step in range(steps):
-        x_int = data[batch_indices(len(data), batch_size, step, seed)].to(device)  # (B, C, H, W)
-        noise = draw_noise(seed, step, batch_size, model.image_shape)
-        t, eps, _ = (a.to(device, dtype) for a in noise)
-        kl_T = model._discrete(scale_pixels(x_int, dtype), t, eps)                # (B,) nats
-        loss = bits_per_dim([kl_T], model.image_shape).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model.requires_grad_(False), losses
 
 
 def run_tune_schedule(ckpt_path, args):
@@ -1646,6 +1630,28 @@ def run_sample(ckpt_path, args):
 # Figures, with numpy and the standard library alone: images and signed maps as PNG grids
 # (image_grid, and a blue-white-red colour map like the authors' matplotlib `bwr`), curves as SVG
 # (svg_plot: text stays text, and the figure scales).
+
+def image_grid(x, nrow, pad=2):
+    """(N, C, H, W) uint8 -> (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) uint8 with a white frame."""
+    N, C, H, W = x.shape
+    rows = -(-N // nrow)
+    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), 255, np.uint8)
+    for k in range(N):
+        r, c = divmod(k, nrow)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[k].permute(1, 2, 0).numpy()
+    return grid
+
+
+def write_png(path, img):
+    """Write an (H, W, 1) or (H, W, 3) uint8 array as PNG with zlib alone (8-bit gray or RGB)."""
+    img = np.ascontiguousarray(img)
+    H, W, C = img.shape
+    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    rows = b"".join(b"\x00" + img[r].tobytes() for r in range(H))  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", W, H, 8, 0 if C == 1 else 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+    atomic_write(path, lambda f: f.write(png))
+
 
 def to_rgb(x):
     """Scaled images in [-1, 1] (N, C, H, W) -> uint8 (N, 3, H, W); gray is repeated, so gray
@@ -1779,6 +1785,14 @@ def run_inspect(ckpt_path, args):
     return added, rate, stats
 
 
+# -------------------------------------------------------------------------------------------------
+# 12. Benchmark (optional: nothing above uses it)
+#
+# --bench times training and sampling steps for the three encoders on random data, interleaved so
+# that drift of the machine's speed hits all alike, and counts FLOPs with PyTorch's counter; MFU
+# on a known CUDA GPU. Speed is measured here, never in a test.
+# -------------------------------------------------------------------------------------------------
+
 def peak_memory(device, reset=False):
     """Peak bytes since the last reset: CUDA's allocator peak, or the process's peak RSS on Linux."""
     if device.type == "cuda":
@@ -1877,7 +1891,7 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
 
 
 # -------------------------------------------------------------------------------------------------
-# 10. Command line
+# 13. Command line
 #
 # argparse is generated from Config: every field is a flag (--n-embd, --encoder, ...). The value
 # of a setting is: the Config default, overridden by the --size preset, overridden by the flags
