@@ -97,7 +97,7 @@ class DiffEncError(Exception):
 # -------------------------------------------------------------------------------------------------
 
 def alpha_sigma(gamma):
-    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)), computed without cancellation."""
+    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)), without cancellation."""
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
@@ -164,9 +164,9 @@ def variance_gradient(shape_values, loss):
 # -------------------------------------------------------------------------------------------------
 # 2. Encoder [DiffEnc: the encoder and its parameterisation]
 #
-#     none:    x_phi = x                                      (VDM; dx_phi/dlambda = 0)
-#     fixed:   x_phi = alpha^2 x                              (DiffEnc-nt; dx/dlambda = alpha^2 sigma^2 x)
-#     learned: x_phi = alpha^2 x + sigma^2 y_phi(x, lambda)   (DiffEnc; y_phi a U-Net with tanh output)
+#     none:    x_phi = x                                    VDM; dx_phi/dlambda = 0
+#     fixed:   x_phi = alpha^2 x                            DiffEnc-nt; dx/dlambda = a^2 s^2 x
+#     learned: x_phi = alpha^2 x + sigma^2 y_phi(x, lambda) DiffEnc; y_phi a U-Net, tanh output
 # For `learned`, with d(alpha^2)/dlambda = alpha^2 sigma^2 = -d(sigma^2)/dlambda and
 # dy/dlambda = -dy/dgamma:
 #     dx_phi/dlambda = alpha^2 sigma^2 (x - y) - sigma^2 dy/dgamma.
@@ -176,18 +176,18 @@ def variance_gradient(shape_values, loss):
 # -------------------------------------------------------------------------------------------------
 
 def encoder_mean(kind, x, gamma, y=None, dy_dgamma=None):
-    """x_phi(x, lambda) and dx_phi/dlambda for an encoder `kind`, given y and dy/dgamma for `learned`.
+    """x_phi(x, lambda) and dx_phi/dlambda for an encoder `kind` (y and dy/dgamma for `learned`).
 
     x: (B, ...) scaled data; gamma broadcastable to x; y, dy_dgamma: like x (learned only).
     Returns (x_enc, dx_enc_dlam); dx_enc_dlam is None when dy_dgamma is not given for `learned`.
     """
     if kind == "none":
         return x, torch.zeros_like(x)
-    a2, s2 = torch.sigmoid(-gamma), torch.sigmoid(gamma)
+    alpha2, sigma2 = torch.sigmoid(-gamma), torch.sigmoid(gamma)
     if kind == "fixed":
-        return a2 * x, a2 * s2 * x
-    x_enc = a2 * x + s2 * y
-    dx_enc = None if dy_dgamma is None else a2 * s2 * (x - y) - s2 * dy_dgamma
+        return alpha2 * x, alpha2 * sigma2 * x
+    x_enc = alpha2 * x + sigma2 * y
+    dx_enc = None if dy_dgamma is None else alpha2 * sigma2 * (x - y) - sigma2 * dy_dgamma
     return x_enc, dx_enc
 
 
@@ -205,9 +205,10 @@ def encoder_mean(kind, x, gamma, y=None, dy_dgamma=None):
 # -------------------------------------------------------------------------------------------------
 
 def timestep_embedding(t_in, dim):
-    """Sinusoidal embedding of t_in (B,) -> (B, dim), Transformer/fairseq style [code: time_embedding.py]."""
+    """Sinusoidal embedding (B,) -> (B, dim), Transformer style [code: time_embedding.py]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t_in.device, dtype=t_in.dtype) / (half - 1))
+    k = torch.arange(half, device=t_in.device, dtype=t_in.dtype)
+    freqs = torch.exp(-math.log(10000) * k / (half - 1))                # 1 .. 1/10000
     args = t_in[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
@@ -231,7 +232,8 @@ def group_norm(channels, groups):
 
 
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv3x3 -> + Dense(temb) -> GN -> SiLU -> dropout -> conv3x3 (zero init) -> + skip."""
+    """GN -> SiLU -> conv3x3 -> + Dense(temb) -> GN -> SiLU -> dropout -> conv3x3 (zero init)
+    -> + skip."""
 
     def __init__(self, c_in, c_out, temb_dim, groups, dropout):
         super().__init__()
@@ -253,18 +255,20 @@ class AttnBlock(nn.Module):
 
     def __init__(self, c, groups):
         super().__init__()
-        self.norm, self.qkv, self.proj = group_norm(c, groups), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm = group_norm(c, groups)
+        self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
         zero_init(self.proj)
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # 3 x (B, HW, C)
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, 3C)
+        q, k, v = qkv.chunk(3, dim=2)                             # 3 x (B, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
         return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
 
 
 def time_mlp(n):
-    # Two Dense + SiLU layers of width 4n on the sinusoidal embedding [VDM; code: time_embedding.py].
+    # Two Dense + SiLU layers of width 4n on the sinusoidal embedding [code: time_embedding.py].
     return nn.Sequential(nn.Linear(n, 4 * n), nn.SiLU(), nn.Linear(4 * n, 4 * n), nn.SiLU())
 
 
@@ -281,9 +285,10 @@ def lecun_init(module):
     zero were zero-initialised on purpose (zero_init) and are left alone."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m.weight.any():
-            transposed = isinstance(m, nn.ConvTranspose2d)  # weight (in, out, k, k) instead of (out, in, k, k)
-            fan_in = m.weight.shape[0] * m.weight[0, 0].numel() if transposed else m.weight[0].numel()
-            # 0.8796: std of a unit normal truncated to [-2, 2]; dividing by it keeps Var = 1/fan_in.
+            w = m.weight  # (out, in, k, k); a transposed conv's is (in, out, k, k)
+            transposed = isinstance(m, nn.ConvTranspose2d)
+            fan_in = w.shape[0] * w[0, 0].numel() if transposed else w[0].numel()
+            # 0.8796: std of a unit normal truncated to [-2, 2]; dividing by it keeps Var = 1/fan_in
             std = 1 / math.sqrt(fan_in) / 0.87962566103423978
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             if m.bias is not None:
@@ -298,7 +303,7 @@ class ScoreUNet(nn.Module):
         n, groups = cfg.n_embd, cfg.norm_groups  # GroupNorm(32) [VDM]
         self.gamma_min, self.gamma_max, self.n = cfg.gamma_min, cfg.gamma_max, n
         self.temb = time_mlp(n)
-        self.conv_in = nn.Conv2d(5 * channels, n, 3, padding=1)  # z + 4 Fourier channels per channel
+        self.conv_in = nn.Conv2d(5 * channels, n, 3, padding=1)  # z + 4 Fourier channels each
         block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout)
         self.down = nn.ModuleList([block(n) for _ in range(cfg.n_layer)])
         self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups), block(n)
@@ -376,33 +381,35 @@ class EncoderUNet(nn.Module):
 #
 # Reverse processes. For s < t, write kappa = 1 - SNR_t/SNR_s = -expm1(gamma_s - gamma_t). The
 # reverse encoder q(z_s | z_t, x) that is consistent with the marginals N(alpha x_phi, sigma^2) is
-#     mu_Q = (alpha_s/alpha_t)(SNR_t/SNR_s) z_t + alpha_s kappa x_phi(t) + alpha_s (x_phi(s) - x_phi(t)),
+#     mu_Q = (alpha_s/alpha_t)(SNR_t/SNR_s) z_t + alpha_s kappa x_phi(t)
+#            + alpha_s (x_phi(s) - x_phi(t)),
 #     sigma_Q^2 = kappa sigma_s^2.
 # The generative model p(z_s | z_t) replaces x_phi(t) by its prediction x_hat(z_t, t) and the
 # encoder increment x_phi(s) - x_phi(t) by the Euler step (lambda_s - lambda_t) sigma_t^2 x_hat,
 # i.e. it models dx_phi/dlambda by sigma_t^2 x_hat (exact in form for the fixed encoder,
 # dx/dlambda = sigma^2 x_phi). With sigma_P = sigma_Q each step costs
 #     KL_i = ||mu_Q - mu_P||^2 / (2 sigma_Q^2)
-#          = 1/2 (SNR_s - SNR_t) || x_phi(t) - x_hat + [(x_phi(s) - x_phi(t)) - (lambda_s - lambda_t) sigma_t^2 x_hat] / kappa ||^2,
+#          = 1/2 (SNR_s - SNR_t) || x_phi(t) - x_hat + [increment - Euler step] / kappa ||^2,
+#     increment = x_phi(s) - x_phi(t),   Euler step = (lambda_s - lambda_t) sigma_t^2 x_hat,
 # and L_T = sum_i KL_i. As T -> infinity, kappa -> (lambda_s - lambda_t), the bracket / kappa ->
 # dx_phi/dlambda - sigma_t^2 x_hat, and SNR_s - SNR_t -> gamma'(t) SNR_t dt, giving
-#     L_inf = 1/2 E_t [ gamma'(t) SNR_t || (x_phi + dx_phi/dlambda) - (x_hat + sigma_t^2 x_hat) ||^2 ].
+#     L_inf = 1/2 E_t [gamma'(t) SNR_t ||(x_phi + dx_phi/dlambda) - (x_hat + sigma_t^2 x_hat)||^2].
 # For the plain VDM (x_phi = x, no Euler term) these are VDM's discrete and continuous losses.
 #
 # Numerics. SNR_t reaches 6e5 near t = 0, where x_phi - x_hat is a tiny difference of O(1)
 # numbers. We therefore never form it: with z_t = alpha x_phi + sigma eps,
-#     (alpha/sigma)(x_phi - x_hat) = eps_hat - eps               (eps-prediction)
-#                                  = alpha (v_hat - v),  v = alpha eps - sigma x_phi  (v-prediction),
+#     (alpha/sigma)(x_phi - x_hat) = eps_hat - eps         (eps-prediction)
+#                                  = alpha (v_hat - v)     (v-prediction, v = alpha eps - sigma x),
 # both O(1) at every t, and every loss below is written in terms of this `scaled error`.
 # -------------------------------------------------------------------------------------------------
 
 def predict_x(out, z, alpha, sigma, param):
-    """x_hat from the network output: v-prediction x_hat = alpha z - sigma v_hat; eps: (z - sigma eps_hat)/alpha."""
+    """x_hat from the network's output: alpha z - sigma v_hat, or (z - sigma eps_hat) / alpha."""
     return alpha * z - sigma * out if param == "v" else (z - sigma * out) / alpha
 
 
 def scaled_error(out, eps, x_enc, alpha, sigma, param):
-    """(alpha/sigma)(x_phi - x_hat), computed from eps- or v-space so that it is exact in float32."""
+    """(alpha/sigma)(x_phi - x_hat), computed in eps- or v-space so that it is exact in float32."""
     if param == "eps":
         return out - eps
     return alpha * (out - (alpha * eps - sigma * x_enc))
@@ -413,35 +420,40 @@ def sum_dims(a):
     return a.flatten(1).sum(1)
 
 
-def diffusion_loss_continuous(dgamma_dt, alpha, sigma, err, dx_enc, dx_hat):
+def diffusion_loss_continuous(dgamma_dt, alpha, sigma, scaled_err, dx_enc, dx_hat):
     """The continuous-time diffusion loss integrand, per sample (nats):
 
         1/2 gamma'(t) SNR_t || (x_phi - x_hat) + (dx_phi/dlambda - dx_hat/dlambda) ||^2
-      = 1/2 gamma'(t) || err + (alpha/sigma)(dx_phi/dlambda - dx_hat/dlambda) ||^2.
+      = 1/2 gamma'(t) || scaled_err + (alpha/sigma)(dx_phi/dlambda - dx_hat/dlambda) ||^2.
 
-    err = scaled_error(...); dx_enc = dx_phi/dlambda; dx_hat = sigma^2 x_hat (DiffEnc) or 0 (VDM).
-    dgamma_dt, alpha, sigma: broadcastable to err (B, ...). Returns (B,).
-    With dx_enc = dx_hat = 0 this is VDM's 1/2 gamma' ||eps - eps_hat||^2 = 1/2 gamma' alpha^2 ||v - v_hat||^2.
+    scaled_err = scaled_error(...); dx_enc = dx_phi/dlambda; dx_hat = sigma^2 x_hat (DiffEnc) or
+    0 (VDM).
+    dgamma_dt, alpha, sigma: broadcastable to scaled_err (B, ...). Returns (B,).
+    With dx_enc = dx_hat = 0 this is VDM's 1/2 gamma' ||eps - eps_hat||^2
+    = 1/2 gamma' alpha^2 ||v - v_hat||^2.
     """
-    r = err + (alpha / sigma) * (dx_enc - dx_hat)  # (alpha/sigma) * residual of "x + dx/dlambda"
+    r = scaled_err + (alpha / sigma) * (dx_enc - dx_hat)  # (alpha/sigma) (residual of x + dx)
     return sum_dims(0.5 * dgamma_dt * r.square())
 
 
-def diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat, euler):
-    """The exact KL of one step, KL(q(z_s|z_t,x) || p(z_s|z_t)) with sigma_P = sigma_Q, per sample (nats).
+def diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, scaled_err, x_enc_s, x_enc_t,
+                            x_hat, euler_step):
+    """The exact KL(q(z_s|z_t,x) || p(z_s|z_t)) of one step, sigma_P = sigma_Q, per sample (nats):
 
-        KL = 1/2 (SNR_s - SNR_t) || (x_t - x_hat) + [(x_s - x_t) - (lambda_s - lambda_t) sigma_t^2 x_hat] / kappa ||^2
-           = 1/2 expm1(gamma_t - gamma_s) || err + (alpha_t/sigma_t) [...] / kappa ||^2,
+        KL = 1/2 (SNR_s - SNR_t) ||(x_t - x_hat) + [(x_s - x_t) - (lambda_s - lambda_t) sigma_t^2
+             x_hat] / kappa||^2
+           = 1/2 expm1(gamma_t - gamma_s) || scaled_err + (alpha_t/sigma_t) [...] / kappa ||^2,
 
     using (SNR_s - SNR_t)/SNR_t = expm1(gamma_t - gamma_s). x_enc_s, x_enc_t: the encoder at s and
-    t (the exact increment on the q side); euler: the generative model's sigma_t^2 x_hat term
+    t (the exact increment on the q side); euler_step: the generative model's sigma_t^2 x_hat term
     (True for DiffEnc, False for VDM). The T-step loss is L_T = sum_i KL_i = T E_i[KL_i].
     """
     kappa = -torch.expm1(gamma_s - gamma_t)
     increment = x_enc_s - x_enc_t
-    if euler:
-        increment = increment - (gamma_t - gamma_s) * sigma_t ** 2 * x_hat  # lambda_s - lambda_t = gamma_t - gamma_s
-    r = err + (alpha_t / sigma_t) * increment / kappa
+    if euler_step:
+        # the Euler step; lambda_s - lambda_t = gamma_t - gamma_s
+        increment = increment - (gamma_t - gamma_s) * sigma_t ** 2 * x_hat
+    r = scaled_err + (alpha_t / sigma_t) * increment / kappa
     return sum_dims(0.5 * torch.expm1(gamma_t - gamma_s) * r.square())
 
 
@@ -455,11 +467,11 @@ def q_reverse(z_t, x_enc_s, x_enc_t, gamma_s, gamma_t):
     return mean, kappa * sigma_s ** 2
 
 
-def p_reverse(z_t, x_hat, gamma_s, gamma_t, euler):
+def p_reverse(z_t, x_hat, gamma_s, gamma_t, euler_step):
     """The generative step p(z_s | z_t) = q(z_s | z_t, x) with x_phi(t) -> x_hat and the encoder
     increment -> the Euler step (lambda_s - lambda_t) sigma_t^2 x_hat (DiffEnc only). Returns
-    (mean, variance) with sigma_P^2 = sigma_Q^2, the choice that keeps the ELBO finite as T grows."""
-    step = (gamma_t - gamma_s) * torch.sigmoid(gamma_t) * x_hat if euler else 0.0
+    (mean, variance) with sigma_P^2 = sigma_Q^2, which keeps the ELBO finite as T grows."""
+    step = (gamma_t - gamma_s) * torch.sigmoid(gamma_t) * x_hat if euler_step else 0.0
     return q_reverse(z_t, x_hat + step, x_hat, gamma_s, gamma_t)
 
 
@@ -488,18 +500,21 @@ def optimal_sigma_p2(sigma_q2, mean_sq_err):
 
 
 def prior_loss(x_enc_1, gamma_1):
-    """KL(q(z_1|x) || N(0, I)) = 1/2 sum(alpha_1^2 x_phi(1)^2 + sigma_1^2 - log sigma_1^2 - 1), per sample.
+    """KL(q(z_1|x) || N(0, I)) = 1/2 sum(alpha_1^2 x_phi(1)^2 + sigma_1^2 - log sigma_1^2 - 1),
+    per sample (nats).
     DiffEnc evaluates it at the encoder's x_phi(lambda_1) [code: sigma3_v_approx_model.py]."""
     alpha_1, sigma_1 = alpha_sigma(gamma_1)
     var = sigma_1 ** 2 * torch.ones_like(x_enc_1)
-    return sum_dims(gaussian_kl(alpha_1 * x_enc_1, var, torch.zeros_like(var), torch.ones_like(var)))
+    prior_mean, prior_var = torch.zeros_like(var), torch.ones_like(var)
+    return sum_dims(gaussian_kl(alpha_1 * x_enc_1, var, prior_mean, prior_var))
 
 
 PIXEL_GRID = 2 * (torch.arange(256) + 0.5) / 256 - 1  # the 256 values a scaled pixel can take
 
 
 def scale_pixels(x_int, dtype=None):
-    """{0..255} -> centres of 256 bins in (-1, 1): x = 2(x_int + 0.5)/256 - 1 [code: encode_decode/util.py]."""
+    """{0..255} -> centres of 256 bins in (-1, 1): x = 2(x_int + 0.5)/256 - 1
+    [code: encode_decode/util.py]."""
     return 2 * (x_int.to(dtype or torch.get_default_dtype()) + 0.5) / 256 - 1
 
 
@@ -552,8 +567,9 @@ class DiffEnc(nn.Module):
         super().__init__()
         C, H, W = image_shape
         if cfg.encoder == "learned" and (H % 2 ** cfg.enc_levels or W % 2 ** cfg.enc_levels):
-            raise DiffEncError(f"images of {H}x{W} do not fit an encoder U-Net with {cfg.enc_levels} "
-                               f"levels (H, W must be divisible by {2 ** cfg.enc_levels}); lower --enc-levels")
+            raise DiffEncError(f"images of {H}x{W} do not fit an encoder U-Net with "
+                               f"{cfg.enc_levels} levels (H, W must be divisible by "
+                               f"{2 ** cfg.enc_levels}); lower --enc-levels")
         self.cfg, self.image_shape = cfg, tuple(image_shape)
         self.schedule = NoiseSchedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max)
         self.score = ScoreUNet(cfg, C)
@@ -585,7 +601,8 @@ class DiffEnc(nn.Module):
     def forward(self, x_int, t, eps, eps_0):
         """-ELBO terms per image (nats): (diffusion, latent, recon), each (B,).
 
-        x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1]; eps, eps_0: (B, C, H, W) ~ N(0, I).
+        x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1]; eps, eps_0: (B, C, H, W),
+        N(0, I).
         The model computes in eps's dtype (float32 in training, float64 in the theory tests).
         """
         B = x_int.shape[0]
@@ -597,7 +614,7 @@ class DiffEnc(nn.Module):
             gammas = torch.cat([gamma_0.expand(B), gamma_1.expand(B)])            # (2B,)
             x_enc_0, x_enc_1 = self.encode(torch.cat([x, x]), gammas, False)[0].chunk(2)
             recon = recon_loss(x_int, x_enc_0, gamma_0, eps_0)  # 1. reconstruction, -log p(x | z_0)
-            latent = prior_loss(x_enc_1, gamma_1)               # 2. prior, KL(q(z_1 | x) || N(0, I))
+            latent = prior_loss(x_enc_1, gamma_1)               # 2. prior, KL(q(z_1|x) || N(0, I))
         # 3. diffusion, 0 < t < 1: the continuous-time loss (the paper) or the exact T-step loss.
         diff = self._continuous(x, t, eps) if self.cfg.T == 0 else self._discrete(x, t, eps)
         return diff, latent, recon
@@ -612,12 +629,12 @@ class DiffEnc(nn.Module):
         is negligible next to the diffusion term's; the saving is a second encoder call on B
         images and half the 256-way decoder's work. Returns (recon, latent), each (B,).
         """
-        far = t >= 0.5                                                    # (B,): the t = 1 end
-        x_enc_end, _ = self.encode(x, torch.where(far, gamma_1, gamma_0), derivative=False)
-        latent = torch.where(far, 2 * prior_loss(x_enc_end, gamma_1), 0.0)
-        near = ~far
-        recon_near = 2 * recon_loss(x_int[near], x_enc_end[near], gamma_0, eps_0[near])
-        return x.new_zeros(len(x)).index_put((near,), recon_near), latent
+        prior_end = t >= 0.5                          # (B,): images that pay the t = 1 term
+        data_end = ~prior_end                         # (B,): images that pay the t = 0 term
+        x_enc_end, _ = self.encode(x, torch.where(prior_end, gamma_1, gamma_0), derivative=False)
+        latent = torch.where(prior_end, 2 * prior_loss(x_enc_end, gamma_1), 0.0)
+        recon = 2 * recon_loss(x_int[data_end], x_enc_end[data_end], gamma_0, eps_0[data_end])
+        return x.new_zeros(len(x)).index_put((data_end,), recon), latent
 
     def _continuous(self, x, t, eps):
         """The continuous-time diffusion loss at one t per image (section 4), (B,) nats."""
@@ -630,11 +647,12 @@ class DiffEnc(nn.Module):
         z_t = alpha * x_enc + sigma * eps                                        # ~ q(z_t | x)
         out = self.predict(z_t, gamma_t)
         x_hat = predict_x(out, z_t, alpha, sigma, self.cfg.param)
-        euler = self.cfg.encoder != "none"
-        dx_hat = sigma ** 2 * x_hat if euler else torch.zeros_like(x_hat)  # model of dx_phi/dlambda
-        err = scaled_error(out, eps, x_enc, alpha, sigma, self.cfg.param)
+        euler_step = self.cfg.encoder != "none"
+        # the generative model's dx_phi/dlambda: sigma^2 x_hat (DiffEnc), 0 (VDM)
+        dx_hat = sigma ** 2 * x_hat if euler_step else torch.zeros_like(x_hat)
+        scaled_err = scaled_error(out, eps, x_enc, alpha, sigma, self.cfg.param)
         dgamma = dgamma_dt[:, None, None, None]
-        diff = diffusion_loss_continuous(dgamma, alpha, sigma, err, dx_enc, dx_hat)
+        diff = diffusion_loss_continuous(dgamma, alpha, sigma, scaled_err, dx_enc, dx_hat)
         if self.training and self.cfg.schedule == "net":
             variance_gradient((s, ds_dt), bits_per_dim([diff.detach()], self.image_shape))
         return diff
@@ -654,10 +672,10 @@ class DiffEnc(nn.Module):
         z_t = alpha_t * x_enc_t + sigma_t * eps
         out = self.predict(z_t, gamma_t.flatten())
         x_hat = predict_x(out, z_t, alpha_t, sigma_t, self.cfg.param)
-        err = scaled_error(out, eps, x_enc_t, alpha_t, sigma_t, self.cfg.param)
-        euler = self.cfg.encoder != "none"
-        kl = diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, err, x_enc_s, x_enc_t, x_hat,
-                                     euler)
+        scaled_err = scaled_error(out, eps, x_enc_t, alpha_t, sigma_t, self.cfg.param)
+        euler_step = self.cfg.encoder != "none"
+        kl = diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, scaled_err, x_enc_s,
+                                     x_enc_t, x_hat, euler_step)
         return T * kl
 
 
@@ -694,14 +712,14 @@ def bits_per_dim(terms, image_shape):
 
 @torch.no_grad()
 def sample(model, n, T, seed, keep=(), var_ratio=None):
-    """n samples with T steps. Returns (x (n, C, H, W) uint8, {step i: x_hat at t = i/T, i in keep}).
+    """n samples with T steps: (x (n, C, H, W) uint8, {step i: x_hat at t = i/T for i in keep}).
     var_ratio (T,): sigma_P^2 / sigma_Q^2 of each step i = 1..T instead of 1 (section 4)."""
     device, dtype = model.schedule.b.device, model.schedule.b.dtype
     g = rng(seed, RNG["sample"])  # noise drawn on the CPU: the same samples on every device
     noise = lambda: torch.randn((n, *model.image_shape), generator=g, dtype=dtype).to(device)
     z = noise()                                                                 # z_1 ~ N(0, I)
     gammas = model.schedule(torch.linspace(0, 1, T + 1, device=device, dtype=dtype))  # (T + 1,)
-    kept, euler = {}, model.cfg.encoder != "none"
+    kept, euler_step = {}, model.cfg.encoder != "none"
     for i in range(T, 0, -1):
         gamma_t, gamma_s = gammas[i], gammas[i - 1]
         alpha_t, sigma_t = alpha_sigma(gamma_t)
@@ -709,7 +727,7 @@ def sample(model, n, T, seed, keep=(), var_ratio=None):
         x_hat = predict_x(out, z, alpha_t, sigma_t, model.cfg.param)           # (n, C, H, W)
         if i in keep:
             kept[i] = x_hat.cpu()
-        mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, euler)
+        mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, euler_step)
         var = var if var_ratio is None else var * var_ratio[i - 1]
         z = mean + var.sqrt() * noise()                      # the last step is stochastic too
     return decode(z, gammas[0]).cpu(), kept
@@ -933,7 +951,8 @@ def validate(cfg):
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the archive (170,498,071 bytes)
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-MNIST_FILES = {  # split -> (file, md5 of the *decompressed* idx file, so any re-compression is accepted)
+# split -> (file, md5 of the *decompressed* idx file, so that any re-compression is accepted)
+MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
     "test": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
 }
@@ -942,7 +961,8 @@ MNIST_FILES = {  # split -> (file, md5 of the *decompressed* idx file, so any re
 def rng(*keys):
     """A CPU torch.Generator seeded by a tuple of ints: every random draw in training and
     evaluation is a pure function of (seed, step, ...), which makes resume exact."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]))
+    seed = np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed))
 
 
 # The streams of rng(seed, ..., stream): each kind of randomness has its own, so that drawing more
@@ -957,8 +977,8 @@ def download(url, path):
         with urllib.request.urlopen(url, timeout=60) as r:
             atomic_write(path, lambda f: f.write(r.read()))
     except OSError as e:
-        raise DiffEncError(f"cannot download {url} ({getattr(e, 'reason', e)}); download it by hand "
-                           f"and place it at {os.path.abspath(path)}") from None
+        raise DiffEncError(f"cannot download {url} ({getattr(e, 'reason', e)}); download it by "
+                           f"hand and place it at {os.path.abspath(path)}") from None
 
 
 def md5(data):
@@ -967,17 +987,21 @@ def md5(data):
 
 def load_mnist(data_dir, split):
     name, want = MNIST_FILES[split]
-    path = next((p for p in (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")) if os.path.exists(p)), None)
+    candidates = (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz"))
+    path = next((p for p in candidates if os.path.exists(p)), None)
     if path is None:
         path = os.path.join(data_dir, name + ".gz")
         download(MNIST_URL + name + ".gz", path)
     try:
-        raw = gzip.decompress(open(path, "rb").read()) if path.endswith(".gz") else open(path, "rb").read()
+        raw = open(path, "rb").read()
+        raw = gzip.decompress(raw) if path.endswith(".gz") else raw
     except (OSError, EOFError, zlib.error) as e:
-        raise DiffEncError(f"{path} is not a readable gzip file ({e}); delete it and run again, or place the official file there") from None
+        raise DiffEncError(f"{path} is not a readable gzip file ({e}); delete it and run again, "
+                           f"or place the official file there") from None
     if md5(raw) != want:
-        raise DiffEncError(f"{path} has md5 {md5(raw)} (decompressed), not the official {want}: a corrupt or "
-                           f"truncated copy; delete it and run again, or place the official file there")
+        raise DiffEncError(f"{path} has md5 {md5(raw)} (decompressed), not the official {want}: a "
+                           f"corrupt or truncated copy; delete it and run again, or place the "
+                           f"official file there")
     magic, n, h, w = struct.unpack(">IIII", raw[:16])  # idx3: big-endian header, then n*h*w bytes
     return torch.from_numpy(np.frombuffer(raw, np.uint8, n * h * w, 16).reshape(n, 1, h, w).copy())
 
@@ -987,13 +1011,15 @@ def load_cifar10(data_dir, split):
     if not os.path.exists(path):
         download(CIFAR10_URL, path)
     if md5(open(path, "rb").read()) != CIFAR10_MD5:
-        raise DiffEncError(f"{path} does not have the official md5 {CIFAR10_MD5}: a corrupt or truncated "
-                           f"download; delete it and run again, or place the official archive there")
+        raise DiffEncError(f"{path} does not have the official md5 {CIFAR10_MD5}: a corrupt or "
+                           f"truncated download; delete it and run again, or place the official "
+                           f"archive there")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     with tarfile.open(path, "r:gz") as tar:
         # Python-2 pickles of {'data': uint8 (10000, 3072) as R, G, B planes of 32x32, 'labels'};
         # unpickling is safe here because the archive's md5 was checked above.
-        batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="latin1")["data"] for n in names]
+        files = [tar.extractfile(f"cifar-10-batches-py/{n}") for n in names]
+        batches = [pickle.load(f, encoding="latin1")["data"] for f in files]
     return torch.from_numpy(np.concatenate(batches).reshape(-1, 3, 32, 32))
 
 
@@ -1002,14 +1028,17 @@ def synthetic(split, n=None):
     g = rng(0, 0 if split == "train" else 1)
     n = n or (2048 if split == "train" else 256)
     yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
-    corners = torch.randint(0, 16, (n, 4), generator=g).sort(dim=1).values  # y0 <= y1 and x0 <= x1 after pairing
+    corners = torch.randint(0, 16, (n, 4), generator=g).sort(dim=1).values  # (n, 4), sorted, so
+    # that pairing the 1st with the 3rd and the 2nd with the 4th gives y0 <= y1 and x0 <= x1
     y0, y1, x0, x1 = corners[:, 0], corners[:, 2], corners[:, 1], corners[:, 3]
-    box = (yy >= y0[:, None, None]) & (yy <= y1[:, None, None]) & (xx >= x0[:, None, None]) & (xx <= x1[:, None, None])
+    inside = lambda a, lo, hi: (a >= lo[:, None, None]) & (a <= hi[:, None, None])  # (n, 16, 16)
+    box = inside(yy, y0, y1) & inside(xx, x0, x1)
     img = 40 + 8 * xx + 120 * box + torch.randint(0, 16, (n, 16, 16), generator=g)
     return img.clamp(0, 255).to(torch.uint8)[:, None]
 
 
-DATASETS = {"cifar10": load_cifar10, "mnist": load_mnist, "synthetic": lambda data_dir, split: synthetic(split)}
+DATASETS = {"cifar10": load_cifar10, "mnist": load_mnist,
+            "synthetic": lambda data_dir, split: synthetic(split)}
 IMAGE_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "synthetic": (1, 16, 16)}
 
 
@@ -1154,8 +1183,9 @@ def check_compatible(saved, cfg, path):
     for name in MODEL_FIELDS:
         if saved[name] != getattr(cfg, name):
             flag = name.replace("_", "-")
-            raise DiffEncError(f"{path} was trained with --{flag} {saved[name]}, but this run has --{flag} "
-                               f"{getattr(cfg, name)}; use the same value or a new --out")
+            raise DiffEncError(f"{path} was trained with --{flag} {saved[name]}, but this run "
+                               f"has --{flag} {getattr(cfg, name)}; use the same value or a new "
+                               f"--out")
 
 
 def model_from_checkpoint(ckpt, device, weights="ema", T=None):
@@ -1174,9 +1204,11 @@ def make_optimizer(model, cfg, device):
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name.endswith("bias") or name.startswith("schedule.") else decay).append(p)
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
     # betas (0.9, 0.99), eps 1e-8: the official optimiser config; fused kernels on CUDA.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8,
+                             fused=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -1215,7 +1247,8 @@ def settle_speed(cfg, device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if (cfg.amp or cfg.compile) and device.type != "cuda":
-        print("diffenc: note: --amp/--compile are meant for CUDA; on this device they may be slower", file=sys.stderr)
+        print("diffenc: note: --amp/--compile are meant for CUDA; on this device they may be "
+              "slower", file=sys.stderr)
 
 
 def prepare_out(cfg):
@@ -1230,13 +1263,13 @@ def prepare_out(cfg):
         atomic_write(os.path.join(cfg.out, ".write-test"), lambda f: f.write(b"ok"))
         os.remove(os.path.join(cfg.out, ".write-test"))
     except OSError as e:
-        raise DiffEncError(f"cannot write to --out {cfg.out} ({e.strerror or e}); choose a writable "
-                           f"folder") from None
+        raise DiffEncError(f"cannot write to --out {cfg.out} ({e.strerror or e}); choose a "
+                           f"writable folder") from None
     lock = lock_run_folder(cfg.out)
     if os.path.exists(latest) and not cfg.resume:
         lock.close()
-        raise DiffEncError(f"{cfg.out} already holds a run ({latest}); add --resume to continue it, "
-                           f"or choose another --out")
+        raise DiffEncError(f"{cfg.out} already holds a run ({latest}); add --resume to continue "
+                           f"it, or choose another --out")
     return lock
 
 
@@ -1253,8 +1286,8 @@ def lock_run_folder(out):
         f.seek(0)
         owner = f.read().strip() or "unknown"
         f.close()
-        raise DiffEncError(f"{out} is in use by another training run (process {owner}); wait for it "
-                           f"to end, or choose another --out") from None
+        raise DiffEncError(f"{out} is in use by another training run (process {owner}); wait "
+                           f"for it to end, or choose another --out") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -1456,15 +1489,17 @@ def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None,
     N = min(n_images or len(data), len(data))
     rows = []
     for b0 in range(0, N, batch_size):
-        idx = torch.arange(b0, min(b0 + batch_size, N))                       # (b,) test-set indices
-        x = data[idx].to(p.device)                                            # (b, C, H, W) uint8
-        acc = torch.zeros(len(x), 3, dtype=torch.float64)
+        idx = torch.arange(b0, min(b0 + batch_size, N))                 # (b,) test-set indices
+        x = data[idx].to(p.device)                                      # (b, C, H, W) uint8
+        acc = torch.zeros(len(x), 3, dtype=torch.float64)               # (b, 3)
         for k in range(samples):
-            t, eps, eps_0 = (a.to(p.device, p.dtype) for a in eval_noise(seed, idx, model.image_shape, k))
+            noise = eval_noise(seed, idx, model.image_shape, k)
+            t, eps, eps_0 = (a.to(p.device, p.dtype) for a in noise)    # (b,), 2 x (b, C, H, W)
             t = torch.full_like(t, t_fixed) if t_fixed is not None else t
-            diff, latent, recon = model(x, t, eps, eps_0)                    # (b,) each, nats
+            diff, latent, recon = model(x, t, eps, eps_0)              # (b,) each, nats
             if var_ratio is not None:
-                T, w = model.cfg.T, 1 / var_ratio.to(diff)[discrete_step(t, model.cfg.T).long() - 1]
+                T = model.cfg.T
+                w = 1 / var_ratio.to(diff)[discrete_step(t, T).long() - 1]  # (b,)
                 diff = T * weighted_step_kl(diff / T, w, math.prod(model.image_shape))
             acc += torch.stack([diff, latent, recon], 1).double().cpu()
         rows.append(acc / samples)
@@ -1474,40 +1509,55 @@ def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None,
 PER_T = np.linspace(0, 1, 11)  # t in {0, 0.1, ..., 1} [code: evaluator.py, --per-t-step=0.1]
 
 
+def std_err(a):
+    """The standard error of the mean of a (N,) tensor of per-image values."""
+    return (a.std() / math.sqrt(len(a))).item() if len(a) > 1 else float("nan")
+
+
+def write_csv(path, header, rows):
+    """A CSV file: the header line, then one line per row of already formatted fields."""
+    text = header + "\n" + "".join(",".join(row) + "\n" for row in rows)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def run_eval(ckpt_paths, args):
     """Test bpd of each checkpoint; with args.per_t also the diffusion-loss integrand at every t in
     PER_T, written as a CSV and a plot beside the first checkpoint. Every checkpoint sees the same
-    images, t and eps (eval_noise is a function of the seed and the image index), so differences between two
-    checkpoints are paired and their standard error is that of the per-image differences."""
-    se = lambda a: (a.std() / math.sqrt(len(a))).item() if len(a) > 1 else float("nan")
-    curves, totals = [], []
+    images, t and eps (eval_noise is a function of the seed and the image index), so differences
+    between two checkpoints are paired and their standard error is that of the per-image
+    differences."""
+    se, curves, totals = std_err, [], []
     for path in ckpt_paths:
         ckpt = load_checkpoint(path)
         cfg = Config(**ckpt["config"])
         data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
         model = model_from_checkpoint(ckpt, pick_device(), T=args.T)
-        run = lambda t=None, ratio=None: evaluate(model, data, args.batch_size or cfg.batch_size, args.seed or 0,
-                                                  args.eval_images or 0, args.eval_samples, t, ratio)
-        bpd = run()
-        total = bpd.sum(1)
+        batch_size, seed = args.batch_size or cfg.batch_size, args.seed or 0
+        run = lambda t=None, ratio=None: evaluate(model, data, batch_size, seed,
+                                                  args.eval_images or 0, args.eval_samples, t,
+                                                  ratio)
+        bpd = run()                                                      # (N, 3)
+        total = bpd.sum(1)                                               # (N,)
         loss = f"{model.cfg.T}-step" if model.cfg.T else "continuous-time"
-        print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over {len(total)} images of the "
-              f"{cfg.dataset} test split; {loss} ELBO, EMA weights, step {ckpt['step']}, {args.eval_samples} (t, eps) "
-              f"per image)")
+        print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over "
+              f"{len(total)} images of the {cfg.dataset} test split; {loss} ELBO, EMA weights, "
+              f"step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
         for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
             print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
         totals.append(total)
         if len(totals) > 1 and len(total) == len(totals[0]):
             d = total - totals[0]
-            print(f"  minus {ckpt_paths[0]}: {d.mean():+.4f} ± {se(d):.4f} bpd (paired: same images, t and eps)")
+            print(f"  minus {ckpt_paths[0]}: {d.mean():+.4f} ± {se(d):.4f} bpd (paired: same "
+                  f"images, t and eps)")
         if args.sigma_p == "optimal":
             report_optimal_variances(model, bpd, run, path, args)
-        if args.per_t:  # the integrand at fixed t: the diffusion term is its integral over t in [0, 1]
+        if args.per_t:  # the integrand at fixed t; the diffusion term is its integral over t
             curves.append(torch.stack([run(float(t))[:, 0] for t in PER_T], 1))   # (N, 11) bpd
     if not curves:
         return bpd
     if len({c.shape[0] for c in curves}) > 1:
-        raise DiffEncError("--per-t compares checkpoints on the same images; pass checkpoints of the same data set")
+        raise DiffEncError("--per-t compares checkpoints on the same images; pass checkpoints of "
+                           "the same data set")
     cols = [(c.mean(0), c.std(0) / math.sqrt(len(c))) for c in curves]
     names = [f"mean_{k + 1},se_{k + 1}" for k in range(len(curves))]
     if len(curves) > 1:  # paired difference of the last checkpoint minus the first
@@ -1515,9 +1565,9 @@ def run_eval(ckpt_paths, args):
         cols.append((d.mean(0), d.std(0) / math.sqrt(len(d))))
         names.append(f"diff_{len(curves)}_1,se_diff")
     prefix = os.path.join(os.path.dirname(ckpt_paths[0]) or ".", "per_t")
-    table = torch.stack([v for pair in cols for v in pair], 1).tolist()          # (11, 2 per column)
-    atomic_write(f"{prefix}.csv", lambda f: f.write(("t," + ",".join(names) + "\n" + "".join(
-        f"{t:.1f}," + ",".join(f"{v!r}" for v in row) + "\n" for t, row in zip(PER_T, table))).encode()))
+    table = torch.stack([v for pair in cols for v in pair], 1).tolist()    # (11, 2 per column)
+    write_csv(f"{prefix}.csv", "t," + ",".join(names),
+              [[f"{t:.1f}"] + [repr(v) for v in row] for t, row in zip(PER_T, table)])
     name = lambda path: os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run folder
     colors = ("black", "#d62728", "#1f77b4", "#2ca02c")
     svg_plot(f"{prefix}.svg", PER_T, [(m.numpy(), c, name(p), False) for (m, _), c, p
@@ -1529,10 +1579,11 @@ def run_eval(ckpt_paths, args):
         m, s = (v.numpy() for v in cols[-1])
         svg_plot(f"{prefix}_diff.svg", PER_T,
                  [(m, "black", f"{name(ckpt_paths[-1])} minus {name(ckpt_paths[0])}", False),
-                  (m - 2 * s, "gray", "± 2 standard errors", True), (m + 2 * s, "gray", None, True),
+                  (m - 2 * s, "gray", "± 2 standard errors", True),
+                  (m + 2 * s, "gray", None, True),
                   (0 * m, "#d62728", None, False)], "t", "paired difference (bpd)")
-        print(f"wrote {prefix}_diff.svg: {ckpt_paths[-1]} minus {ckpt_paths[0]} per t ± 2 standard "
-              f"errors")
+        print(f"wrote {prefix}_diff.svg: {ckpt_paths[-1]} minus {ckpt_paths[0]} per t ± 2 "
+              f"standard errors")
     return curves
 
 
@@ -1547,19 +1598,20 @@ def report_optimal_variances(model, bpd, run, path, args):
     optimal = run(None, ratio).sum(1)
     equal = bpd.sum(1)
     diff = optimal - equal
-    se = lambda a: (a.std() / math.sqrt(len(a))).item()
+    se = std_err
     print(f"  {T}-step ELBO, sigma_P = sigma_Q: {equal.mean():.4f} ± {se(equal):.4f}; optimal "
-          f"sigma_P per step (from {SIGMA_P_PAIRS // T * T} training pairs): {optimal.mean():.4f} ± "
-          f"{se(optimal):.4f}; optimal minus equal: {diff.mean():+.5f} ± {se(diff):.5f} bpd (paired)")
+          f"sigma_P per step (from {SIGMA_P_PAIRS // T * T} training pairs): "
+          f"{optimal.mean():.4f} ± {se(optimal):.4f}; optimal minus equal: {diff.mean():+.5f} ± "
+          f"{se(diff):.5f} bpd (paired)")
     prefix = os.path.join(os.path.dirname(path) or ".", f"sigma_p_T{T}")
     t_mid = (torch.arange(T, dtype=torch.float64) + 0.5) / T
     rows = zip(range(1, T + 1), t_mid.tolist(), ratio.tolist(), ratio_se.tolist())
-    atomic_write(f"{prefix}.csv", lambda f: f.write(("step,t_mid,var_ratio,se\n" + "".join(
-        f"{i},{t!r},{r!r},{s!r}\n" for i, t, r, s in rows)).encode()))
-    svg_plot(f"{prefix}.svg", t_mid.numpy(),
-             [(ratio.sqrt().numpy(), "#d62728", f"T = {T}", False), (np.ones(T), "black", None, True)],
+    write_csv(f"{prefix}.csv", "step,t_mid,var_ratio,se", [map(repr, row) for row in rows])
+    svg_plot(f"{prefix}.svg", t_mid.numpy(), [(ratio.sqrt().numpy(), "#d62728", f"T = {T}", False),
+                                              (np.ones(T), "black", None, True)],
              "t (middle of the step)", "optimal sigma_P / sigma_Q")
-    print(f"  wrote {prefix}.csv and {prefix}.svg: sigma_P*/sigma_Q per step against t; largest {ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
+    print(f"  wrote {prefix}.csv and {prefix}.svg: sigma_P*/sigma_Q per step against t; largest "
+          f"{ratio.sqrt().max():.4f} at t = {t_mid[ratio.argmax()]:.3f}")
     return ratio, equal, optimal
 
 
@@ -1587,8 +1639,7 @@ def run_tune_schedule(ckpt_path, args):
                          image_shape=list(model.image_shape), step=ckpt["step"], model=weights,
                          ema=weights, opt={}, best_bpd=math.inf,
                          window=torch.zeros(3, dtype=torch.float64), n_window=0), path)
-    se = lambda a: (a.std() / math.sqrt(len(a))).item()
-    d = after - before
+    se, d = std_err, after - before
     print(f"{ckpt_path}: test {args.T}-step bpd {before.mean():.4f} ± {se(before):.4f} with its "
           f"schedule, {after.mean():.4f} ± {se(after):.4f} tuned ({len(losses)} steps, training "
           f"loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}); tuned minus original "
@@ -1602,7 +1653,7 @@ SAMPLE_ROWS = 8
 
 
 def run_sample(ckpt_path, args):
-    """A grid of samples, and a grid of the reverse process: x_hat(z_t) at SAMPLE_TS, then the sample.
+    """A grid of samples, and one of the reverse process: x_hat(z_t) at SAMPLE_TS, then the sample.
     Steps: --T, else --sample-steps, else the checkpoint's T (a tuned schedule's), else its
     sample_steps. --sigma-p optimal: each step's variance estimated as in --eval."""
     ckpt = load_checkpoint(ckpt_path)
@@ -1612,18 +1663,20 @@ def run_sample(ckpt_path, args):
     ratio = None
     if args.sigma_p == "optimal":
         train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
-        ratio, _ = optimal_variance_ratios(model, train_data, args.seed or 0, args.batch_size or cfg.batch_size)
+        batch_size = args.batch_size or cfg.batch_size
+        ratio, _ = optimal_variance_ratios(model, train_data, args.seed or 0, batch_size)
     steps = [max(1, round(t * T)) for t in SAMPLE_TS]
     x, kept = sample(model, args.n_samples, T, args.seed or 0, keep=steps, var_ratio=ratio)
     name = f"samples_step{ckpt['step']}_T{T}" + ("_optimal_sigma" if ratio is not None else "")
     path = os.path.join(os.path.dirname(ckpt_path) or ".", f"{name}.png")
     write_png(path, image_grid(x, math.ceil(math.sqrt(args.n_samples))))
     n = min(args.n_samples, SAMPLE_ROWS)
-    final = to_rgb(x[:n].float() / 127.5 - 1)                                # uint8 -> [-1, 1] -> the same uint8 in RGB
-    panels = torch.stack([to_rgb(kept[i][:n]) for i in steps] + [final], 1)  # (n, len(steps) + 1, 3, H, W)
-    write_panels(path.replace(".png", "_process.png"), panels.flatten(0, 1), len(steps) + 1)
-    print(f"wrote {args.n_samples} samples ({T} steps) to {path}, and x_hat at t = {', '.join(map(str, SAMPLE_TS))} "
-          f"then the sample for {n} of them to {path.replace('.png', '_process.png')}")
+    final = to_rgb(x[:n].float() / 127.5 - 1)           # uint8 -> [-1, 1] -> the same uint8, RGB
+    panels = torch.stack([to_rgb(kept[i][:n]) for i in steps] + [final], 1)  # (n, 6, 3, H, W)
+    process = path.replace(".png", "_process.png")
+    write_panels(process, panels.flatten(0, 1), len(steps) + 1)
+    print(f"wrote {args.n_samples} samples ({T} steps) to {path}, and x_hat at t = "
+          f"{', '.join(map(str, SAMPLE_TS))} then the sample for {n} of them to {process}")
     return x, kept
 
 
@@ -1638,7 +1691,8 @@ def image_grid(x, nrow, pad=2):
     grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, C), 255, np.uint8)
     for k in range(N):
         r, c = divmod(k, nrow)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = x[k].permute(1, 2, 0).numpy()
+        top, left = pad + r * (H + pad), pad + c * (W + pad)
+        grid[top:top + H, left:left + W] = x[k].permute(1, 2, 0).numpy()
     return grid
 
 
@@ -1646,10 +1700,13 @@ def write_png(path, img):
     """Write an (H, W, 1) or (H, W, 3) uint8 array as PNG with zlib alone (8-bit gray or RGB)."""
     img = np.ascontiguousarray(img)
     H, W, C = img.shape
-    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    # a PNG chunk: length, tag, data, CRC-32 of tag and data
+    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data
+                               + struct.pack(">I", zlib.crc32(tag + data)))
     rows = b"".join(b"\x00" + img[r].tobytes() for r in range(H))  # filter type 0 on every row
     header = struct.pack(">IIBBBBB", W, H, 8, 0 if C == 1 else 2, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
+           + chunk(b"IEND", b""))
     atomic_write(path, lambda f: f.write(png))
 
 
@@ -1661,14 +1718,14 @@ def to_rgb(x):
 
 
 def bwr(v, lim):
-    """Signed maps (N, H, W) -> uint8 (N, 3, H, W): -lim blue, 0 white, +lim red, linear, clipped."""
+    """Signed maps (N, H, W) -> uint8 (N, 3, H, W): -lim blue, 0 white, +lim red, clipped."""
     u = (v / lim).clamp(-1, 1)
     pos, neg = u.clamp(min=0), (-u).clamp(min=0)
     return (torch.stack([1 - neg, 1 - pos - neg, 1 - pos], 1) * 255).round().to(torch.uint8)
 
 
 def write_panels(path, panels, ncol):
-    """Write (N, 3, H, W) uint8 panels as a grid with ncol columns, upscaled to >= 96 px per panel."""
+    """Write (N, 3, H, W) uint8 panels as a grid of ncol columns, upscaled to >= 96 px a panel."""
     k = max(1, 96 // panels.shape[-1])
     write_png(path, image_grid(panels.cpu(), ncol).repeat(k, 0).repeat(k, 1))
 
@@ -1695,7 +1752,8 @@ def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300)):
     px = lambda v: left + (v - x[0]) / (x[-1] - x[0]) * (right - left)
     py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
     el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-          f'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>']
+          f'font-family="sans-serif" font-size="11">',
+          f'<rect width="{W}" height="{H}" fill="white"/>']
     ticks, dec = nice_ticks(lo, hi)
     for v in ticks:
         el += [f'<line x1="{left}" x2="{right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#ddd"/>',
@@ -1737,9 +1795,11 @@ RANGE_TS = np.linspace(0, 1, 101)             # min/mean/max of x_phi on the aut
 
 
 def encoder_at(model, x, t):
-    """x_phi(x, lambda_t) (B, C, H, W) and alpha_t^2 (B, 1, 1, 1) at one time t; x scaled (B, C, H, W)."""
+    """x_phi(x, lambda_t) (B, C, H, W) and alpha_t^2 (B, 1, 1, 1) at one time t; x: scaled images
+    (B, C, H, W)."""
     gamma = model.schedule(torch.full((len(x),), float(t), device=x.device))  # (B,)
-    return model.encode(x, gamma, derivative=False)[0], torch.sigmoid(-gamma)[:, None, None, None]
+    alpha2 = torch.sigmoid(-gamma)[:, None, None, None]
+    return model.encode(x, gamma, derivative=False)[0], alpha2
 
 
 @torch.no_grad()
@@ -1747,8 +1807,9 @@ def run_inspect(ckpt_path, args):
     ckpt = load_checkpoint(ckpt_path)
     cfg = Config(**ckpt["config"])
     if cfg.encoder != "learned":
-        raise DiffEncError(f"--inspect shows a learned encoder, but {ckpt_path} was trained with --encoder {cfg.encoder}; "
-                           f"pass a checkpoint of an --encoder learned run")
+        raise DiffEncError(f"--inspect shows a learned encoder, but {ckpt_path} was trained with "
+                           f"--encoder {cfg.encoder}; pass a checkpoint of an --encoder learned "
+                           f"run")
     device = pick_device()
     model = model_from_checkpoint(ckpt, device)
     data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
@@ -1756,32 +1817,39 @@ def run_inspect(ckpt_path, args):
     x = scale_pixels(data[:INSPECT_ROWS].to(device))                           # (R, C, H, W)
     R = len(x)
 
-    ts = sorted(set(INSPECT_TS) | {round(t - RATE_DT, 6) for t in RATE_TS})     # each x_phi(lambda_t) once
-    enc = {t: encoder_at(model, x, t) for t in ts}                             # t -> (x_phi, alpha_t^2)
-    phi = torch.stack([enc[t][0] for t in INSPECT_TS], 1)                      # (R, n_t, C, H, W)
-    a2 = torch.stack([enc[t][1] for t in INSPECT_TS], 1)                       # (R, n_t, 1, 1, 1)
-    added = (phi - a2 * x[:, None]).mean(2)                                    # (R, n_t, H, W), channel mean
+    before = lambda t: round(t - RATE_DT, 6)
+    ts = sorted(set(INSPECT_TS) | {before(t) for t in RATE_TS})       # each x_phi(lambda_t) once
+    enc = {t: encoder_at(model, x, t) for t in ts}                     # t -> (x_phi, alpha_t^2)
+    x_enc = torch.stack([enc[t][0] for t in INSPECT_TS], 1)            # (R, n_t, C, H, W)
+    alpha2 = torch.stack([enc[t][1] for t in INSPECT_TS], 1)           # (R, n_t, 1, 1, 1)
+    added = (x_enc - alpha2 * x[:, None]).mean(2)                      # (R, n_t, H, W): C's mean
     lim = added.abs().max().clamp(min=1e-12)
-    panels = torch.stack([to_rgb(phi.flatten(0, 1)), bwr(added.flatten(0, 1), lim)])  # (2, R n_t, 3, H, W)
-    panels = panels.unflatten(1, (R, len(INSPECT_TS))).transpose(0, 1)         # per image: x_phi row, learned-part row
+    panels = torch.stack([to_rgb(x_enc.flatten(0, 1)), bwr(added.flatten(0, 1), lim)])
+    panels = panels.unflatten(1, (R, len(INSPECT_TS))).transpose(0, 1)  # (R, 2 rows, n_t, 3, H, W)
     write_panels(f"{prefix}_grid.png", panels.flatten(0, 2), len(INSPECT_TS))
 
-    rate = torch.stack([((enc[t][0] - enc[round(t - RATE_DT, 6)][0]) / RATE_DT).sum(1) for t in RATE_TS], 1)  # (R, n_rate, H, W)
-    lims = rate.abs().amax(dim=(0, 2, 3)).clamp(min=1e-12)                    # one colour scale per t
-    write_panels(f"{prefix}_rate.png", bwr((rate / lims[:, None, None]).flatten(0, 1), 1.0), len(RATE_TS))
+    rate = torch.stack([((enc[t][0] - enc[before(t)][0]) / RATE_DT).sum(1)
+                        for t in RATE_TS], 1)                          # (R, n_rate, H, W)
+    lims = rate.abs().amax(dim=(0, 2, 3)).clamp(min=1e-12)            # one colour scale per t
+    rate_maps = bwr((rate / lims[:, None, None]).flatten(0, 1), 1.0)
+    write_panels(f"{prefix}_rate.png", rate_maps, len(RATE_TS))
 
-    xs = scale_pixels(data[:args.batch_size or cfg.batch_size].to(device))     # a batch for the statistics
-    stats = np.array([[v.item() for v in (e.min(), e.mean(), e.max())] for e in (encoder_at(model, xs, t)[0] for t in RANGE_TS)])
-    atomic_write(f"{prefix}_range.csv", lambda f: f.write(("t,min,mean,max\n" + "".join(
-        f"{t:.2f},{a!r},{b!r},{c!r}\n" for t, (a, b, c) in zip(RANGE_TS, stats.tolist()))).encode()))
+    xs = scale_pixels(data[:args.batch_size or cfg.batch_size].to(device))  # (B, C, H, W)
+    stats = np.array([[v.item() for v in (e.min(), e.mean(), e.max())]
+                      for e in (encoder_at(model, xs, t)[0] for t in RANGE_TS)])  # (101, 3)
+    write_csv(f"{prefix}_range.csv", "t,min,mean,max",
+              [[f"{t:.2f}"] + [repr(v) for v in row] for t, row in zip(RANGE_TS, stats.tolist())])
     svg_plot(f"{prefix}_range.svg", RANGE_TS, [(v, c, n, False) for v, c, n in zip(
         stats.T, ("#1f77b4", "black", "#d62728"), ("min", "mean", "max"))], "t", "x_phi(lambda_t)")
 
-    print(f"wrote {prefix}_grid.png: rows x_phi(lambda_t) and (x_phi - alpha_t^2 x) of {R} test images at t = "
-          f"{', '.join(map(str, INSPECT_TS))}; colour scale +-{lim:.3g} (red +, blue -)")
-    print(f"wrote {prefix}_rate.png: (x_phi(t) - x_phi(t - {RATE_DT}))/{RATE_DT} summed over channels at t = "
-          f"{', '.join(map(str, RATE_TS))} (columns); colour scales +-" + ", +-".join(f"{v:.3g}" for v in lims.tolist()))
-    print(f"wrote {prefix}_range.csv/.svg: min (blue), mean (black), max (red) of x_phi over {len(xs)} test images vs t")
+    print(f"wrote {prefix}_grid.png: rows x_phi(lambda_t) and (x_phi - alpha_t^2 x) of {R} test "
+          f"images at t = {', '.join(map(str, INSPECT_TS))}; colour scale +-{lim:.3g} (red +, "
+          f"blue -)")
+    print(f"wrote {prefix}_rate.png: (x_phi(t) - x_phi(t - {RATE_DT}))/{RATE_DT} summed over "
+          f"channels at t = {', '.join(map(str, RATE_TS))} (columns); colour scales +-"
+          + ", +-".join(f"{v:.3g}" for v in lims.tolist()))
+    print(f"wrote {prefix}_range.csv/.svg: min (blue), mean (black), max (red) of x_phi over "
+          f"{len(xs)} test images vs t")
     return added, rate, stats
 
 
@@ -1794,37 +1862,38 @@ def run_inspect(ckpt_path, args):
 # -------------------------------------------------------------------------------------------------
 
 def peak_memory(device, reset=False):
-    """Peak bytes since the last reset: CUDA's allocator peak, or the process's peak RSS on Linux."""
+    """Peak bytes since the last reset: CUDA's allocator peak, or the peak RSS on Linux."""
     if device.type == "cuda":
-        return torch.cuda.reset_peak_memory_stats(device) if reset else torch.cuda.max_memory_allocated(device)
+        if reset:
+            return torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device)
     try:  # writing 5 to clear_refs resets VmHWM, the peak resident set size (Linux)
         if reset:
             return open("/proc/self/clear_refs", "w").write("5")
-        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+        status = open("/proc/self/status").read().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
     except OSError:
         return 0 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(fn, device, warmup, steps):
     """Median wall time of fn(k) for k = warmup .. warmup+steps-1, after `warmup` untimed calls."""
     times = []
     for k in range(warmup + steps):
-        sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn(k)
-        sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[warmup:]))
 
 
 # Dense tensor-core peaks in TFLOP/s, (bf16, tf32), from NVIDIA's data sheets: the denominator of
 # MFU (model FLOPs utilisation). Matched in order against torch.cuda.get_device_name().
-PEAK_TFLOPS = (("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 494.7)), ("H200", (989.0, 494.7)), ("A100", (312.0, 156.0)))
+PEAK_TFLOPS = (("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 494.7)),
+               ("H200", (989.0, 494.7)), ("A100", (312.0, 156.0)))
 
 
 def step_flops(fn):
@@ -1852,10 +1921,12 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
     device = pick_device()
     settle_speed(cfg, device)
     shape = IMAGE_SHAPES[cfg.dataset]
-    x = torch.randint(0, 256, (cfg.batch_size, *shape), generator=rng(cfg.seed, RNG["bench"])).to(device)
+    g = rng(cfg.seed, RNG["bench"])
+    x = torch.randint(0, 256, (cfg.batch_size, *shape), generator=g).to(device)  # (B, C, H, W)
     t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, 0, cfg.batch_size, shape))
-    print(f"bench: size={cfg.size} dataset={cfg.dataset} {shape} batch={cfg.batch_size} device={device} "
-          f"threads={torch.get_num_threads()} amp={cfg.amp} compile={cfg.compile} torch={torch.__version__}")
+    print(f"bench: size={cfg.size} dataset={cfg.dataset} {shape} batch={cfg.batch_size} "
+          f"device={device} threads={torch.get_num_threads()} amp={cfg.amp} "
+          f"compile={cfg.compile} torch={torch.__version__}")
     models, train = {}, {}
     for encoder in ("none", "fixed", "learned"):
         c = dataclasses.replace(cfg, encoder=encoder)
@@ -1865,9 +1936,10 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
         opt = make_optimizer(model, c, device)
         if c.compile:
             model.score.compile()
+        step = lambda k: train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1)
         peak_memory(device, reset=True)
-        flops = step_flops(lambda: train_step(model, model, ema, opt, c, 0, x, t, eps, eps_0, 1))  # also a warm-up
-        step_s = median_seconds(lambda k: train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1), device, warmup, steps)
+        flops = step_flops(lambda: step(0))                            # also a warm-up
+        step_s = median_seconds(step, device, warmup, steps)
         models[encoder], train[encoder] = model.eval(), (step_s, flops, peak_memory(device))
         del ema, opt
     # One-step sampler calls (a score-network pass plus the reverse-process update), interleaved
@@ -1875,18 +1947,23 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
     sample_s = {e: [] for e in models}
     for k in range(warmup + steps):
         for e, m in models.items():
-            sample_s[e].append(median_seconds(lambda _: sample(m, sample_batch, 1, k), device, 0, 1))
+            one_step = lambda _: sample(m, sample_batch, 1, k)
+            sample_s[e].append(median_seconds(one_step, device, 0, 1))
     results = {}
     for encoder, (step_s, flops, mem) in train.items():
         s_step = float(np.median(sample_s[encoder][warmup:]))
         results[encoder] = (step_s, s_step, flops)
         util = mfu(flops / step_s, device, cfg.amp)
         n_params = sum(p.numel() for p in models[encoder].parameters())
-        print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  {cfg.batch_size / step_s:8.1f} img/s  "
-              f"{flops / 1e9:7.1f} GFLOP/step  {flops / step_s / 1e12:6.3f} TFLOP/s" + (f"  MFU {util:5.1%}" if util is not None else "") +
-              f"  peak mem {mem / 2 ** 20:6.0f} MiB  |  sample {s_step:.4f} s/step (batch {sample_batch})")
+        print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  "
+              f"{cfg.batch_size / step_s:8.1f} img/s  {flops / 1e9:7.1f} GFLOP/step  "
+              f"{flops / step_s / 1e12:6.3f} TFLOP/s"
+              + (f"  MFU {util:5.1%}" if util is not None else "")
+              + f"  peak mem {mem / 2 ** 20:6.0f} MiB  |  sample {s_step:.4f} s/step "
+              f"(batch {sample_batch})")
     for enc in ("fixed", "learned"):
-        print(f"  ratio {enc}/none: train {results[enc][0] / results['none'][0]:.2f}  sample {results[enc][1] / results['none'][1]:.2f}")
+        ratio = [results[enc][k] / results["none"][k] for k in (0, 1)]
+        print(f"  ratio {enc}/none: train {ratio[0]:.2f}  sample {ratio[1]:.2f}")
     return results
 
 
@@ -1895,26 +1972,32 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
 #
 # argparse is generated from Config: every field is a flag (--n-embd, --encoder, ...). The value
 # of a setting is: the Config default, overridden by the --size preset, overridden by the flags
-# given. Modes: --train DATASET | --eval CKPT [CKPT ...] [--per-t] | --sample CKPT | --inspect CKPT | --bench.
+# given. Modes: --train DATASET | --eval CKPT [CKPT ...] | --sample CKPT | --inspect CKPT |
+# --tune-schedule CKPT | --bench [DATASET].
 # -------------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="diffenc.py", description="DiffEnc (arXiv 2310.19789): train, evaluate, sample, benchmark.")
+    p = argparse.ArgumentParser(prog="diffenc.py", description="DiffEnc (arXiv 2310.19789): "
+                                "train, evaluate, sample, inspect, benchmark.")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", metavar="DATASET", help="train on cifar10 | mnist | synthetic")
-    mode.add_argument("--eval", metavar="CKPT", nargs="+", help="print test bits/dim of checkpoints with standard errors")
-    mode.add_argument("--sample", metavar="CKPT", help="write PNG grids of samples and of the reverse process beside the checkpoint")
-    mode.add_argument("--inspect", metavar="CKPT", help="write figures of a learned encoder (x_phi over t, rate heat maps, range) beside it")
-    mode.add_argument("--tune-schedule", metavar="CKPT", help="tune the schedule's shape for --T step inference "
-                      "(networks frozen; --steps, default 500, --lr, default 1e-3); writes tuned_T{T}.pt beside CKPT")
+    mode.add_argument("--eval", metavar="CKPT", nargs="+",
+                      help="test bits/dim of checkpoints with standard errors, paired")
+    mode.add_argument("--sample", metavar="CKPT",
+                      help="PNG grids of samples and of the reverse process, beside CKPT")
+    mode.add_argument("--inspect", metavar="CKPT",
+                      help="figures of a learned encoder (x_phi over t, rates, range), beside CKPT")
+    mode.add_argument("--tune-schedule", metavar="CKPT",
+                      help="tune the schedule's shape for --T steps (--steps, default 500; --lr, "
+                           "default 1e-3); writes tuned_T{T}.pt beside CKPT")
     mode.add_argument("--bench", metavar="DATASET", nargs="?", const="cifar10",
-                      help="time training and sampling steps for encoder none/fixed/learned on images of DATASET's shape (default cifar10)")
+                      help="time steps of encoder none/fixed/learned on DATASET-shaped images")
     p.add_argument("--n-samples", type=int, default=64, help="--sample: number of images")
     p.add_argument("--eval-samples", type=int, default=1, help="--eval: (t, eps) draws per image")
-    p.add_argument("--per-t", action="store_true", help="--eval: also the diffusion-loss integrand at t = 0, 0.1, ..., 1 (CSV + plot)")
+    p.add_argument("--per-t", action="store_true",
+                   help="--eval: also the diffusion-loss integrand at t = 0, 0.1, ..., 1")
     p.add_argument("--sigma-p", choices=("equal", "optimal"), default="equal",
-                   help="--eval/--sample with --T > 0: sigma_P = sigma_Q, or each step's optimal sigma_P "
-                        "(estimated on the training split)")
+                   help="--eval/--sample with --T: sigma_P = sigma_Q, or each step's optimum")
     for f in dataclasses.fields(Config):
         if f.name == "dataset":
             continue  # given by --train
@@ -1943,12 +2026,13 @@ def main(argv=None):
                 check_field(f.name, getattr(args, f.name))
         for name in ("n_samples", "eval_samples"):
             if getattr(args, name) <= 0:
-                raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+                raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got "
+                                   f"{getattr(args, name)}")
         if args.per_t and not args.eval:
             raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
         if args.sigma_p == "optimal" and not ((args.eval and args.T) or args.sample):
-            raise DiffEncError("--sigma-p optimal sets the variance of each of T steps; use it with --eval CKPT --T T "
-                               "or --sample CKPT")
+            raise DiffEncError("--sigma-p optimal sets the variance of each of T steps; use it "
+                               "with --eval CKPT --T T or --sample CKPT")
         if args.train:
             train(config_from_args(args, args.train))
         elif args.eval:
