@@ -1308,13 +1308,14 @@ def open_log(path, step):
     return open(path, "a")
 
 
-def train_step(net, model, ema, opt, cfg, step, x, t, eps, eps_0, world):
-    """One step of AdamW on the bpd. Returns the global-batch mean (diffusion, latent, recon) in
-    bpd, shape (3,); the weights are left untouched when that is not finite."""
+def train_step(net, model, ema, opt, cfg, step, batch, world):
+    """One step of AdamW on the bpd of batch = (x (B, C, H, W) uint8, t (B,), eps, eps_0 (B, C,
+    H, W)). Returns the global-batch mean (diffusion, latent, recon) in bpd, shape (3,); the
+    weights are left untouched when that is not finite."""
     for group in opt.param_groups:
         group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
     terms = torch.stack([bits_per_dim([a], model.image_shape).mean()     # (3,): the batch means
-                         for a in net(x, t, eps, eps_0)])                  # of diff, latent, recon
+                         for a in net(*batch)])                  # of diff, latent, recon
     report = terms.detach().clone()
     if world > 1:
         dist.all_reduce(report)
@@ -1395,7 +1396,8 @@ def train(cfg):
             noise = draw_noise(cfg.seed, step, cfg.batch_size, model.image_shape, rank * B, B)
             t, eps, eps_0 = (a.to(device) for a in noise)       # (B,), (B, C, H, W), (B, C, H, W)
             torch.manual_seed(int(rng(cfg.seed, step, rank, RNG["dropout"]).initial_seed()))
-            report = train_step(net, model, ema, opt, cfg, step, x.to(device), t, eps, eps_0, world)
+            report = train_step(net, model, ema, opt, cfg, step, (x.to(device), t, eps, eps_0),
+                                world)
             if torch.isfinite(report).all():                   # report: (3,) bpd
                 window, n_window, skipped = window + report.double(), n_window + 1, 0
             elif not cfg.skip_nonfinite:
@@ -1936,7 +1938,7 @@ def bench(cfg, steps=10, warmup=2, sample_batch=16):
         opt = make_optimizer(model, c, device)
         if c.compile:
             model.score.compile()
-        step = lambda k: train_step(model, model, ema, opt, c, k, x, t, eps, eps_0, 1)
+        step = lambda k: train_step(model, model, ema, opt, c, k, (x, t, eps, eps_0), 1)
         peak_memory(device, reset=True)
         flops = step_flops(lambda: step(0))                            # also a warm-up
         step_s = median_seconds(step, device, warmup, steps)

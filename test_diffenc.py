@@ -1090,7 +1090,7 @@ def test_bits_per_dim_and_the_training_loss_are_in_bits_per_dimension():
     expected = torch.stack(model(x_int, t, eps, eps_0)).mean(1).detach() / (d * math.log(2))  # (3,)
     opt = de.make_optimizer(model, model.cfg, torch.device("cpu"))
     ema = copy.deepcopy(model)
-    report = de.train_step(model, model, ema, opt, model.cfg, 0, x_int, t, eps, eps_0, 1)
+    report = de.train_step(model, model, ema, opt, model.cfg, 0, (x_int, t, eps, eps_0), 1)
     assert torch.allclose(report, expected, rtol=1e-12, atol=0) and report[0] > 1
 
 
