@@ -68,6 +68,7 @@ import time
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
+from xml.sax.saxutils import escape
 
 try:
     import fcntl  # locks the run folder (POSIX)
@@ -1744,18 +1745,21 @@ def nice_ticks(lo, hi, n=5):
 
 def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300)):
     """Write a line plot as SVG: real text, any scale, shown by GitHub and every browser.
-    x: (n,); curves: [(y (n,), CSS colour, legend label or None, dashed)]."""
+    x: (n,); curves: [(y (n,), CSS colour, legend label or None, dashed)]. The legend goes under
+    the plot, one row per label, so it never hides a curve."""
     W, H = size
     left, right, top, bottom = 64, W - 12, 12, H - 40                       # the plot box, px
+    n_labels = sum(1 for _, _, label, _ in curves if label)
+    H_total = H + 16 * n_labels                                             # + legend rows
     ys = np.concatenate([np.asarray(y, float) for y, *_ in curves])
     lo, hi = float(ys.min()), float(ys.max())
     pad = 0.05 * (hi - lo) if hi - lo > 1e-9 else 1.0
     lo, hi = lo - pad, hi + pad
     px = lambda v: left + (v - x[0]) / (x[-1] - x[0]) * (right - left)
     py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
-    el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+    el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H_total}" '
           f'font-family="sans-serif" font-size="11">',
-          f'<rect width="{W}" height="{H}" fill="white"/>']
+          f'<rect width="{W}" height="{H_total}" fill="white"/>']
     ticks, dec = nice_ticks(lo, hi)
     for v in ticks:
         el += [f'<line x1="{left}" x2="{right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#ddd"/>',
@@ -1766,19 +1770,21 @@ def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300)):
                f'<text x="{px(v):.1f}" y="{bottom + 14}" text-anchor="middle">{v:.{dec}f}</text>']
     el += [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
            f'fill="none" stroke="black"/>',
-           f'<text x="{(left + right) / 2}" y="{H - 6}" text-anchor="middle">{xlabel}</text>',
+           f'<text x="{(left + right) / 2}" y="{H - 6}" text-anchor="middle">'
+           f'{escape(xlabel)}</text>',
            f'<text transform="translate(14 {(top + bottom) / 2}) rotate(-90)" '
-           f'text-anchor="middle">{ylabel}</text>']
-    for k, (y, color, label, dashed) in enumerate(curves):
+           f'text-anchor="middle">{escape(ylabel)}</text>']
+    ly = H + 8                                                   # the first legend row
+    for y, color, label, dashed in curves:
         dash = ' stroke-dasharray="5 3"' if dashed else ""
         points = " ".join(f"{px(a):.2f},{py(b):.2f}" for a, b in zip(x, y))
         el.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"'
                   f'{dash}/>')
-        if label:                                                 # legend, top right, one row each
-            ly = top + 14 + 14 * k
-            el += [f'<line x1="{right - 150}" x2="{right - 130}" y1="{ly - 4}" y2="{ly - 4}" '
+        if label:
+            el += [f'<line x1="{left}" x2="{left + 24}" y1="{ly - 4}" y2="{ly - 4}" '
                    f'stroke="{color}" stroke-width="1.5"{dash}/>',
-                   f'<text x="{right - 126}" y="{ly}">{label}</text>']
+                   f'<text x="{left + 30}" y="{ly}">{escape(label)}</text>']
+            ly += 16
     svg = "\n".join(el + ["</svg>\n"])
     atomic_write(path, lambda f: f.write(svg.encode()))
 

@@ -1809,9 +1809,10 @@ def test_svg_plot_draws_straight_data_as_a_straight_rising_line_with_real_text(t
     """[figures] svg_plot maps data to the page linearly: y = 2x + 1 is a straight polyline
     (residual < 0.01 px, the rounding of the file, from a fitted line) that rises to the right
     across most of the plot; a curve above it in data lies above it on the page; the axis labels,
-    tick labels and legend are SVG text, and the file is well-formed XML."""
+    tick labels and legend are SVG text (escaped: a label with & and < reads back as written), and
+    the file is well-formed XML."""
     x = np.linspace(0, 1, 11)
-    de.svg_plot(tmp_path / "p.svg", x, [(2 * x + 1, "red", "low", False),
+    de.svg_plot(tmp_path / "p.svg", x, [(2 * x + 1, "red", "low & <early>", False),
                                          (2 * x + 1.5, "blue", "high", True)], "t", "bpd")
     curves, texts = svg_curves(tmp_path / "p.svg")
     (cols, rows), above = curves["red"].T, curves["blue"]
@@ -1819,7 +1820,7 @@ def test_svg_plot_draws_straight_data_as_a_straight_rising_line_with_real_text(t
     assert np.abs(rows - (slope * cols + icpt)).max() < 0.01
     assert slope < 0 and cols.max() - cols.min() > 0.8 * 480
     assert (above[:, 1] < rows).all() and np.allclose(above[:, 0], cols)
-    assert {"t", "bpd", "low", "high", "0.0", "1.0"} <= set(texts)
+    assert {"t", "bpd", "low & <early>", "high", "0.0", "1.0"} <= set(texts)
 
 
 def test_inspect_shows_an_encoder_that_starts_at_the_data_and_stays_in_range(tmp_path):
