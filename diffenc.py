@@ -1147,6 +1147,16 @@ def content_digest(obj, h=None):
     return h.hexdigest()
 
 
+def checkpoint_state(cfg, model, ema, opt, step, best_bpd=math.inf, window=None, n_window=0):
+    """What a checkpoint holds: the config, the raw and EMA weights, the optimiser, the step, the
+    best test bpd, and the log window (the sum of the reports since the last row, their count)."""
+    window = torch.zeros(3, dtype=torch.float64) if window is None else window
+    return dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg),
+                image_shape=list(model.image_shape), step=step, model=model.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict() if opt is not None else {},
+                best_bpd=best_bpd, window=window, n_window=n_window)
+
+
 def save_checkpoint(state, path):
     """Write a checkpoint, with its content digest, atomically. If the write fails (disk full, file
     too large; torch.save raises RuntimeError for some of these) say so, keep the old file there and
@@ -1370,10 +1380,7 @@ def train(cfg):
         if cfg.compile:
             model.score.compile()  # in place: state_dict keys stay the same
         net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        state = lambda: dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg),
-                             image_shape=list(model.image_shape), step=step,
-                             model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                             best_bpd=best, window=window, n_window=n_window)
+        state = lambda: checkpoint_state(cfg, model, ema, opt, step, best, window, n_window)
         holds = lambda: (f"{latest} holds step {saved}" if saved is not None
                          else "no checkpoint was written yet")
         stop = []  # the signal that asked us to stop, if any
@@ -1637,11 +1644,9 @@ def run_tune_schedule(ckpt_path, args):
     model, losses = tune_schedule(model, train_data, args.T, steps, lr, batch_size, seed)
     after = test_bpd()
     path = os.path.join(os.path.dirname(ckpt_path) or ".", f"tuned_T{args.T}.pt")
-    weights = model.state_dict()
-    save_checkpoint(dict(format=CKPT_FORMAT, config=dataclasses.asdict(model.cfg),
-                         image_shape=list(model.image_shape), step=ckpt["step"], model=weights,
-                         ema=weights, opt={}, best_bpd=math.inf,
-                         window=torch.zeros(3, dtype=torch.float64), n_window=0), path)
+    # the tuned EMA weights are both the raw and the EMA weights of the new checkpoint
+    if not save_checkpoint(checkpoint_state(model.cfg, model, model, None, ckpt["step"]), path):
+        raise SystemExit(1)
     se, d = std_err, after - before
     print(f"{ckpt_path}: test {args.T}-step bpd {before.mean():.4f} ± {se(before):.4f} with its "
           f"schedule, {after.mean():.4f} ± {se(after):.4f} tuned ({len(losses)} steps, training "

@@ -1758,10 +1758,7 @@ def read_png(path):
 
 def save_model(model, path, step=0):
     """A checkpoint of `model` (weights and EMA alike), as train() writes it."""
-    state = dict(format=de.CKPT_FORMAT, config=dataclasses.asdict(model.cfg),
-                 image_shape=list(model.image_shape), step=step, model=model.state_dict(),
-                 ema=model.state_dict(), opt={}, best_bpd=math.inf)
-    assert de.save_checkpoint(state, path)
+    assert de.save_checkpoint(de.checkpoint_state(model.cfg, model, model, None, step), path)
     return path
 
 
@@ -1809,8 +1806,9 @@ def test_svg_plot_draws_straight_data_as_a_straight_rising_line_with_real_text(t
     """[figures] svg_plot maps data to the page linearly: y = 2x + 1 is a straight polyline
     (residual < 0.01 px, the rounding of the file, from a fitted line) that rises to the right
     across most of the plot; a curve above it in data lies above it on the page; the axis labels,
-    tick labels and legend are SVG text (escaped: a label with & and < reads back as written), and
-    the file is well-formed XML."""
+    tick labels and legend are SVG text (escaped: a label with & and < reads back as written), the
+    legend lies under the plot (below every curve and the x labels), and the file is well-formed
+    XML."""
     x = np.linspace(0, 1, 11)
     de.svg_plot(tmp_path / "p.svg", x, [(2 * x + 1, "red", "low & <early>", False),
                                          (2 * x + 1.5, "blue", "high", True)], "t", "bpd")
@@ -1821,6 +1819,10 @@ def test_svg_plot_draws_straight_data_as_a_straight_rising_line_with_real_text(t
     assert slope < 0 and cols.max() - cols.min() > 0.8 * 480
     assert (above[:, 1] < rows).all() and np.allclose(above[:, 0], cols)
     assert {"t", "bpd", "low & <early>", "high", "0.0", "1.0"} <= set(texts)
+    import xml.etree.ElementTree as ET                                  # the legend: under the plot
+    legend_y = [float(e.get("y")) for e in ET.parse(tmp_path / "p.svg").getroot().iter()
+                if e.text in ("low & <early>", "high")]
+    assert len(legend_y) == 2 and min(legend_y) > max(rows.max(), above[:, 1].max()) + 20
 
 
 def test_inspect_shows_an_encoder_that_starts_at_the_data_and_stays_in_range(tmp_path):
