@@ -59,7 +59,6 @@ import hashlib
 import math
 import os
 import pickle
-import resource
 import signal
 import struct
 import sys
@@ -252,20 +251,28 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, residual, zero-initialised output."""
+    """Single-head self-attention over the H*W positions, residual, zero-initialised output.
 
-    def __init__(self, c, groups):
+    fused: q, k, v as (B, heads = 1, HW, C), the 4-D form that PyTorch's fused (flash) attention
+    kernels take on CPU and CUDA; they never build the (HW, HW) matrix and are faster (1.6x for
+    forward + backward at 32x32 on CPU). They have no forward-mode rule, so the encoder, which runs
+    under torch.func.jvp, keeps the 3-D form (the plain softmax(q k^T / sqrt(C)) v). Same maths;
+    test_fused_attention_gives_the_plain_attention's_loss_and_gradients pins the two together."""
+
+    def __init__(self, c, groups, fused):
         super().__init__()
-        self.norm = group_norm(c, groups)
+        self.norm, self.fused = group_norm(c, groups), fused
         self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
         zero_init(self.proj)
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, 3C)
-        q, k, v = qkv.chunk(3, dim=2)                             # 3 x (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
-        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+        if self.fused:  # the kernels want the channels contiguous (the conv gave them strided)
+            qkv = qkv.contiguous()[:, None]                       # (B, 1, HW, 3C)
+        q, k, v = qkv.chunk(3, dim=-1)                            # 3 x (B, [1,] HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, like q
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
 def time_mlp(n):
@@ -307,7 +314,7 @@ class ScoreUNet(nn.Module):
         self.conv_in = nn.Conv2d(5 * channels, n, 3, padding=1)  # z + 4 Fourier channels each
         block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout)
         self.down = nn.ModuleList([block(n) for _ in range(cfg.n_layer)])
-        self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups), block(n)
+        self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups, fused=True), block(n)
         self.up = nn.ModuleList([block(2 * n) for _ in range(cfg.n_layer + 1)])
         self.norm_out, self.conv_out = group_norm(n, groups), nn.Conv2d(n, channels, 3, padding=1)
         zero_init(self.conv_out)
@@ -354,7 +361,7 @@ class EncoderUNet(nn.Module):
             self.up.append(blocks(2 * c, c, cfg.norm_groups))    # input: upsampled + skip
         c_mid = c0 * 2 ** (levels - 1)
         self.mid1 = ResBlock(c_mid, c_mid, 4 * c0, cfg.enc_norm_groups, cfg.enc_dropout)
-        self.attn = AttnBlock(c_mid, cfg.norm_groups)
+        self.attn = AttnBlock(c_mid, cfg.norm_groups, fused=False)  # jvp
         self.mid2 = ResBlock(c_mid, c_mid, 4 * c0, cfg.enc_norm_groups, cfg.enc_dropout)
         self.norm_out = group_norm(c0, cfg.enc_norm_groups)
         self.conv_out = nn.Conv2d(c0, channels, 3, padding=1)
@@ -1869,38 +1876,38 @@ def run_inspect(ckpt_path, args):
 # -------------------------------------------------------------------------------------------------
 # 12. Benchmark (optional: nothing above uses it)
 #
-# --bench times training and sampling steps for the three encoders on random data, interleaved so
-# that drift of the machine's speed hits all alike, and counts FLOPs with PyTorch's counter; MFU
+# --bench builds the VDM (--encoder none) and DiffEnc (learned) for each speed setting asked for:
+# plain (float32, eager), then with --amp, then with --amp and --compile (each only if given),
+# and times them interleaved: every round runs one training step (forward, backward, AdamW, EMA)
+# and one sampling step of every variant in turn, so that drift of the machine's speed hits all
+# alike. It prints medians over the rounds with their interquartile range, the ratio DiffEnc /
+# VDM paired round by round, the matmul and convolution FLOPs (PyTorch's counter), and the MFU
 # on a known CUDA GPU. Speed is measured here, never in a test.
 # -------------------------------------------------------------------------------------------------
 
-def peak_memory(device, reset=False):
-    """Peak bytes since the last reset: CUDA's allocator peak, or the peak RSS on Linux."""
-    if device.type == "cuda":
-        if reset:
-            return torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device)
-    try:  # writing 5 to clear_refs resets VmHWM, the peak resident set size (Linux)
-        if reset:
-            return open("/proc/self/clear_refs", "w").write("5")
-        status = open("/proc/self/status").read().splitlines()
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+def peak_rss():
+    """The process's peak resident set size in bytes (Linux: VmHWM), else 0."""
+    try:
+        lines = open("/proc/self/status").read().splitlines()
     except OSError:
-        return 0 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM")), 0)
 
 
-def median_seconds(fn, device, warmup, steps):
-    """Median wall time of fn(k) for k = warmup .. warmup+steps-1, after `warmup` untimed calls."""
-    times = []
-    for k in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn(k)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[warmup:]))
+def seconds(fn, device):
+    """Wall time of fn(), with the GPU's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def median_iqr(a):
+    """Median and interquartile range (25th, 75th percentile) of a 1-D sequence."""
+    return float(np.median(a)), tuple(np.percentile(a, [25, 75]))
 
 
 # Dense tensor-core peaks in TFLOP/s, (bf16, tf32), from NVIDIA's data sheets: the denominator of
@@ -1910,10 +1917,13 @@ PEAK_TFLOPS = (("H100 PCIe", (756.0, 378.0)), ("H100", (989.0, 494.7)),
 
 
 def step_flops(fn):
-    """FLOPs of fn() as PyTorch's FlopCounterMode counts them: matmuls and convolutions (2 per
-    multiply-add), forward, backward and the jvp's tangent pass; elementwise work is not counted."""
+    """FLOPs of fn() as PyTorch's FlopCounterMode counts them: matmuls, convolutions and
+    attention (2 per multiply-add), forward, backward and the jvp's tangent pass; elementwise work
+    is not counted. Attention runs in its plain form here: the counter has no rule for the CPU's
+    fused kernel (same maths, same FLOPs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
     return counter.get_total_flops()
 
@@ -1927,56 +1937,94 @@ def mfu(flops_per_s, device, amp):
     return None if peak is None else flops_per_s / (peak[0 if amp else 1] * 1e12)
 
 
-def bench(cfg, steps=10, warmup=2, sample_batch=16):
-    """Median seconds per training step (forward, backward, AdamW, EMA) and per sampling step for
-    encoder none / fixed / learned, on random data of the data set's shape; same seed and data for
-    all three, so the ratios compare like with like."""
+def state_bytes(*objects):
+    """Bytes of the tensors that a variant keeps between steps: parameters, their gradients,
+    the EMA copy and AdamW's moments."""
+    tensors = []
+    for obj in objects:
+        if isinstance(obj, torch.optim.Optimizer):
+            tensors += [v for s in obj.state.values() for v in s.values() if torch.is_tensor(v)]
+        else:
+            tensors += [a for p in obj.parameters() for a in (p, p.grad) if a is not None]
+    return sum(a.numel() * a.element_size() for a in tensors)
+
+
+def bench(cfg, rounds=10, warmup=2, sample_batch=16):
+    """Interleaved timing of training and sampling steps of VDM and DiffEnc (see above) on random
+    data of the data set's shape; both models start from the same seed and see the same batch.
+    Returns {(encoder, amp, compile): dict(train=s, sample=s, flops=FLOP per training step,
+    memory=peak bytes of a training step on CUDA, else None)} with medians over the rounds.
+    Sampling steps run in a rotated order (round k starts at variant k), so that no variant always
+    follows the same one."""
     device = pick_device()
     settle_speed(cfg, device)
     shape = IMAGE_SHAPES[cfg.dataset]
     g = rng(cfg.seed, RNG["bench"])
     x = torch.randint(0, 256, (cfg.batch_size, *shape), generator=g).to(device)  # (B, C, H, W)
-    t, eps, eps_0 = (a.to(device) for a in draw_noise(cfg.seed, 0, cfg.batch_size, shape))
+    batch = (x, *(a.to(device) for a in draw_noise(cfg.seed, 0, cfg.batch_size, shape)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"bench: size={cfg.size} dataset={cfg.dataset} {shape} batch={cfg.batch_size} "
-          f"device={device} threads={torch.get_num_threads()} amp={cfg.amp} "
-          f"compile={cfg.compile} torch={torch.__version__}")
-    models, train = {}, {}
-    for encoder in ("none", "fixed", "learned"):
-        c = dataclasses.replace(cfg, encoder=encoder)
-        torch.manual_seed(c.seed)
-        model = DiffEnc(c, shape).to(device)
-        ema = copy.deepcopy(model).requires_grad_(False)
-        opt = make_optimizer(model, c, device)
-        if c.compile:
-            model.score.compile()
-        step = lambda k: train_step(model, model, ema, opt, c, k, (x, t, eps, eps_0), 1)
-        peak_memory(device, reset=True)
-        flops = step_flops(lambda: step(0))                            # also a warm-up
-        step_s = median_seconds(step, device, warmup, steps)
-        models[encoder], train[encoder] = model.eval(), (step_s, flops, peak_memory(device))
-        del ema, opt
-    # One-step sampler calls (a score-network pass plus the reverse-process update), interleaved
-    # none, fixed, learned, none, ... so that drift of the machine's speed hits the three alike.
-    sample_s = {e: [] for e in models}
-    for k in range(warmup + steps):
-        for e, m in models.items():
-            one_step = lambda _: sample(m, sample_batch, 1, k)
-            sample_s[e].append(median_seconds(one_step, device, 0, 1))
+          f"device={device} ({name}) threads={torch.get_num_threads()} rounds={rounds} "
+          f"torch={torch.__version__}")
+    # plain first, then each switch asked for, added to those before it
+    settings = list(dict.fromkeys([(False, False), (cfg.amp, False), (cfg.amp, cfg.compile)]))
+    runs, flops = {}, {}
+    for amp, compiled in settings:
+        for encoder in ("none", "learned"):
+            c = dataclasses.replace(cfg, encoder=encoder, amp=amp, compile=compiled)
+            torch.manual_seed(c.seed)
+            model = DiffEnc(c, shape).to(device)
+            ema = copy.deepcopy(model).requires_grad_(False)
+            opt = make_optimizer(model, c, device)
+            if compiled:
+                model.score.compile()
+            step = lambda k, m=model, e=ema, o=opt, c=c: train_step(m, m, e, o, c, k, batch, 1)
+            if encoder not in flops:                          # same network, same FLOPs: count
+                flops[encoder] = step_flops(lambda: step(0))  # once, eagerly (also a warm-up)
+            runs[encoder, amp, compiled] = dict(step=step, model=model, state=(model, ema, opt),
+                                                train=[], sample=[], memory=0)
+    cuda = device.type == "cuda"
+    for k in range(warmup + rounds):
+        for run in runs.values():
+            if cuda:
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            run["train"].append(seconds(lambda: run["step"](k), device))
+            if cuda:  # what the variant keeps between steps + the most its step added on top
+                step_peak = torch.cuda.max_memory_allocated(device) - before
+                run["memory"] = max(run["memory"], state_bytes(*run["state"]) + step_peak)
+        order = list(runs.values())
+        for run in order[k % len(order):] + order[:k % len(order)]:
+            run["model"].eval()
+            run["sample"].append(seconds(lambda: sample(run["model"], sample_batch, 1, k), device))
+            run["model"].train()
     results = {}
-    for encoder, (step_s, flops, mem) in train.items():
-        s_step = float(np.median(sample_s[encoder][warmup:]))
-        results[encoder] = (step_s, s_step, flops)
-        util = mfu(flops / step_s, device, cfg.amp)
-        n_params = sum(p.numel() for p in models[encoder].parameters())
-        print(f"  encoder={encoder:7s} params={n_params:>10,}  train {step_s:.3f} s/step  "
-              f"{cfg.batch_size / step_s:8.1f} img/s  {flops / 1e9:7.1f} GFLOP/step  "
-              f"{flops / step_s / 1e12:6.3f} TFLOP/s"
+    for (encoder, amp, compiled), run in runs.items():
+        (train_s, train_iqr), (sample_s, sample_iqr) = (median_iqr(run[key][warmup:])
+                                                        for key in ("train", "sample"))
+        memory = run["memory"] if cuda else None
+        results[encoder, amp, compiled] = dict(train=train_s, sample=sample_s, memory=memory,
+                                               flops=flops[encoder])
+        util = mfu(flops[encoder] / train_s, device, amp)
+        n_params = sum(p.numel() for p in run["model"].parameters())
+        print(f"  {encoder:7s} amp={amp:d} compile={compiled:d} params={n_params:>11,}  train "
+              f"{train_s:.4f} s/step (IQR {train_iqr[0]:.4f}-{train_iqr[1]:.4f})  "
+              f"{cfg.batch_size / train_s:8.1f} img/s  {flops[encoder] / 1e9:7.1f} GFLOP/step  "
+              f"{flops[encoder] / train_s / 1e12:6.3f} TFLOP/s"
               + (f"  MFU {util:5.1%}" if util is not None else "")
-              + f"  peak mem {mem / 2 ** 20:6.0f} MiB  |  sample {s_step:.4f} s/step "
-              f"(batch {sample_batch})")
-    for enc in ("fixed", "learned"):
-        ratio = [results[enc][k] / results["none"][k] for k in (0, 1)]
-        print(f"  ratio {enc}/none: train {ratio[0]:.2f}  sample {ratio[1]:.2f}")
+              + (f"  peak mem {memory / 2 ** 20:6.0f} MiB" if cuda else "")
+              + f"  |  sample {sample_s:.4f} s/step (IQR {sample_iqr[0]:.4f}-"
+              f"{sample_iqr[1]:.4f}, batch {sample_batch})")
+    for amp, compiled in settings:
+        none, learned = runs["none", amp, compiled], runs["learned", amp, compiled]
+        ratios = [median_iqr(np.divide(learned[key][warmup:], none[key][warmup:]))
+                  for key in ("train", "sample")]
+        print(f"  learned/none amp={amp:d} compile={compiled:d}: train {ratios[0][0]:.3f} (IQR "
+              f"{ratios[0][1][0]:.3f}-{ratios[0][1][1]:.3f}; FLOPs "
+              f"{flops['learned'] / flops['none']:.3f})  sample {ratios[1][0]:.3f} (IQR "
+              f"{ratios[1][1][0]:.3f}-{ratios[1][1][1]:.3f})")
+    if not cuda:  # on the CPU, freed memory stays resident: only the process's peak is a fact
+        print(f"  peak resident memory of the process, all variants: {peak_rss() / 2**20:.0f} MiB")
     return results
 
 
@@ -2004,7 +2052,8 @@ def build_parser():
                       help="tune the schedule's shape for --T steps (--steps, default 500; --lr, "
                            "default 1e-3); writes tuned_T{T}.pt beside CKPT")
     mode.add_argument("--bench", metavar="DATASET", nargs="?", const="cifar10",
-                      help="time steps of encoder none/fixed/learned on DATASET-shaped images")
+                      help="time VDM and DiffEnc steps, interleaved, on DATASET-shaped images "
+                           "(plain, and with --amp / --compile if given)")
     p.add_argument("--n-samples", type=int, default=64, help="--sample: number of images")
     p.add_argument("--eval-samples", type=int, default=1, help="--eval: (t, eps) draws per image")
     p.add_argument("--per-t", action="store_true",
