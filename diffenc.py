@@ -22,7 +22,7 @@ Citations. "[DiffEnc: <topic>]" points to the part of the paper that states the 
 deliberately not quoted (we could not verify them against the final paper). Derivations that
 the paper leaves implicit are written out in the docstrings, so this file stands on its own.
 
-How to run (every flag is a field of Config, section 8; `--help` lists them):
+How to run (every flag is a field of Config, section 9; `--help` lists them):
     pip install -r requirements.txt
     python diffenc.py --train cifar10                        # the paper's 8-block DiffEnc model
     python diffenc.py --train mnist --size tiny --steps 300  # minutes on a laptop CPU
@@ -43,9 +43,11 @@ Sections. The method, in the order in which the paper builds it (read these to l
     5. The model and the ELBO  DiffEnc.forward: recon + prior + diffusion, in bits per dimension
     6. Sampling                the ancestral sampler, which never calls the encoder
     7. Finite depth            optimal sigma_P per step; a schedule tuned for T-step inference
+    8. The Diffusion Encoder   a latent diffusion encoder trained by EM: E-step (Langevin), latent
+                               sampler, exact log q, D + R bound (the pieces; no training mode yet)
 The machinery (read these to train):
-    8. Configuration  9. Data  10. Training  11. Evaluation, sampling and figures
-    12. Benchmark (optional)  13. Command line
+    9. Configuration  10. Data  11. Training  12. Evaluation, sampling and figures
+    13. Benchmark (optional)  14. Command line
 Where things are: the encoder's derivative term dx_phi/dlambda is `encoder_mean` (its formula)
 and `DiffEnc.encode` (the network's dy/dgamma by forward-mode AD); the loss that uses it is
 `diffusion_loss_continuous`; the bound is `DiffEnc.forward` (its three terms) and `bits_per_dim`.
@@ -818,10 +820,144 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
 
 
 # -------------------------------------------------------------------------------------------------
-# 8. Configuration
+# 8. The Diffusion Encoder: a latent diffusion model as the encoder, trained by EM
+#    [inspired by Premkumar & Lucioni, "The Diffusion Encoder", arXiv 2605.13399; not a
+#    reproduction: only its abstract is public, and the algorithm below is our reading of it]
+#
+# An autoencoder with latents z in R^d, prior p(z) = N(0, I), a decoder p_theta(x | z) (the model
+# above, given z) with loss L_dec(x, z) = -ELBO(x | z), and an encoder q_phi(z | x) that is itself
+# a diffusion model in latent space. Per image it minimises
+#     F_beta = E_q[L_dec(x, z)] + beta KL(q(z | x) || p(z)),
+# an upper bound on -log p(x) at beta = 1; for a fixed decoder the best q is the tempered posterior
+# pi_beta(z) ∝ p(z) exp(-L_dec(x, z) / beta). Training alternates, as expectation-maximisation:
+#   E-step   z_0 ~ q_phi(z | x) (the latent sampler below), then K steps of unadjusted Langevin
+#            dynamics (ULA) on U(z) = |z|^2 / 2 + L_dec(x, z) / beta - lambda log q_phi(z | x):
+#                z <- z - eta grad U(z) + sqrt(2 eta) xi,  xi ~ N(0, I).
+#            grad_z L_dec is the decoder's pressure on the latent; lambda in [0, 1) keeps the chain
+#            near the encoder (it sharpens the target to pi_beta^(1 / (1 - lambda)) at the fixed
+#            point, test_the_alignment_term_tempers_the_e_step_by_one_minus_lambda).
+#   M-steps  the decoder on L_dec(x, z_K), and the encoder on the latent denoising loss of z_K: a
+#            maximum-likelihood fit of q_phi to the chain's samples. They touch disjoint weights.
+# The bound: D + R >= -log p(x), D = E_q[L_dec], R = E_q[log q(z | x) - log p(z)], with log q exact
+# for the deterministic (DDIM) sampler: z_0 = f(z_1) with z_1 ~ N(0, I) and f invertible, so
+#     log q(z_0) = log N(z_1; 0, I) - sum over steps of log |det dz_s / dz_t|.
+# The functions take callables (an energy, a denoiser), so the tests drive them with analytic
+# models. A denoiser maps (z_t (B, d), gamma_t (B,)) to eps_hat (B, d), each row from its own row
+# (the encoder's conditioning on x is bound inside it); the training mode that uses these
+# functions with networks (--model em) is not built yet.
+# -------------------------------------------------------------------------------------------------
+
+# The latent encoder's fixed linear schedule, gamma from -10 to 10: sigma^2 = sigmoid(gamma) is
+# 4.5e-5 at t = 0 (z_0 is the latent to that noise) and alpha^2 = 4.5e-5 at t = 1 (z_1 is N(0, I)
+# to that signal), so the sampler may start from N(0, I).
+LATENT_GAMMA = (-10.0, 10.0)
+
+
+def latent_gamma(t):
+    """gamma(t) of the latent schedule, linear in t in [0, 1]."""
+    gamma_0, gamma_1 = LATENT_GAMMA
+    return gamma_0 + (gamma_1 - gamma_0) * t
+
+
+def langevin_step(z, grad_U, eta, xi):
+    """One step of the unadjusted Langevin algorithm: z - eta grad U(z) + sqrt(2 eta) xi. It has
+    no accept/reject test, so its stationary law is exp(-U) only as eta -> 0: for U(z) =
+    (z - m)^T P (z - m) / 2 it is N(m, (P - eta P^2 / 2)^-1) [Roberts & Tweedie 1996]."""
+    return z - eta * grad_U + math.sqrt(2 * eta) * xi
+
+
+def posterior_energy(nll, beta=1.0, lam=0.0, log_q=None):
+    """U(z) = |z|^2 / 2 + nll(z) / beta - lam log_q(z), per row of z (B, d) -> (B,): exp(-U) is
+    the prior times the likelihood tempered by 1 / beta, times q^lam."""
+    def U(z):
+        u = 0.5 * z.square().sum(-1) + nll(z) / beta
+        return u if lam == 0 else u - lam * log_q(z)
+    return U
+
+
+def e_step(z, energy, eta, K, noise):
+    """K Langevin steps on energy (z (B, d) -> U (B,)) from z; noise() draws xi (B, d). Returns
+    z_K (no graph) and U(z_K) - U(z_0) per row: negative where the chain moved downhill, which it
+    must on average when it starts from a proposal worse than the target."""
+    z = z.detach()
+    u_0 = energy(z).detach()
+    for _ in range(K):
+        z.requires_grad_(True)
+        grad_U, = torch.autograd.grad(energy(z).sum(), z)
+        z = langevin_step(z.detach(), grad_U, eta, noise())
+    return z, energy(z).detach() - u_0
+
+
+def latent_step(z_t, eps_hat, gamma_s, gamma_t, xi=None):
+    """One reverse step t -> s < t of the latent encoder, with z_0 predicted as
+    z_hat = (z_t - sigma_t eps_hat) / alpha_t. With xi ~ N(0, I): ancestral, z_s ~ q(z_s | z_t,
+    z_0 = z_hat) (section 4's p_reverse, VDM's step). With xi None: deterministic (DDIM [Song et
+    al. 2021]), z_s = alpha_s z_hat + sigma_s eps_hat, the map whose density latent_log_q gives."""
+    alpha_t, sigma_t = alpha_sigma(gamma_t)
+    z_hat = (z_t - sigma_t * eps_hat) / alpha_t
+    if xi is None:
+        alpha_s, sigma_s = alpha_sigma(gamma_s)
+        return alpha_s * z_hat + sigma_s * eps_hat
+    mean, var = p_reverse(z_t, z_hat, gamma_s, gamma_t, euler_step=False)
+    return mean + var.sqrt() * xi
+
+
+def latent_sample(denoise, z_1, S, noise=None):
+    """z_0 (B, d) from z_1 (B, d) in S steps on the uniform grid t_i = i / S: ancestral with
+    noise() (a draw of q_phi(z | x)), deterministic with noise None."""
+    gammas = latent_gamma(torch.linspace(0, 1, S + 1, dtype=z_1.dtype, device=z_1.device))
+    z = z_1
+    for i in range(S, 0, -1):
+        eps_hat = denoise(z, gammas[i].expand(len(z)))
+        z = latent_step(z, eps_hat, gammas[i - 1], gammas[i], None if noise is None else noise())
+    return z
+
+
+def latent_log_q(denoise, z_1, S):
+    """The deterministic sampler's z_0 (B, d) and its exact log-density log q(z_0) (B,): the
+    change of variables from z_1 ~ N(0, I). Each step's Jacobian dz_s / dz_t (B, d, d) is exact
+    (torch.func.jacrev: d backward passes of the batch sum, which holds every row's Jacobian since
+    rows do not interact); d <= 64 keeps the S log-determinants cheap."""
+    B, d = z_1.shape
+    gammas = latent_gamma(torch.linspace(0, 1, S + 1, dtype=z_1.dtype, device=z_1.device))
+    log_q = -0.5 * z_1.square().sum(-1) - 0.5 * d * math.log(2 * math.pi)  # log N(z_1; 0, I)
+    z = z_1
+    for i in range(S, 0, -1):
+        step = lambda z_t: latent_step(z_t, denoise(z_t, gammas[i].expand(B)), gammas[i - 1],
+                                       gammas[i])
+        jac = torch.func.jacrev(lambda z_t: step(z_t).sum(0))(z).transpose(0, 1)  # (B, d, d)
+        log_q = log_q - torch.linalg.slogdet(jac).logabsdet
+        z = step(z)
+    return z, log_q
+
+
+def latent_denoising_loss(denoise, z_0, t, eps):
+    """The encoder's M-step loss per row (B,): VDM's continuous-time diffusion loss for data z_0
+    (B, d) with eps-prediction, gamma'(t) |eps - eps_hat(z_t, gamma_t)|^2 / 2 (section 4 with
+    x_phi = x), at one t (B,) and eps (B, d) per row. Its expectation bounds -log q_phi(z_0 | x)
+    from above, up to the latent schedule's prior and reconstruction terms (each below 1e-4 nats
+    per dimension at gamma = +-10), so minimising it over the chain's samples is maximum
+    likelihood."""
+    gamma_t = latent_gamma(t)
+    alpha, sigma = alpha_sigma(gamma_t[:, None])
+    z_t = alpha * z_0 + sigma * eps
+    dgamma_dt = LATENT_GAMMA[1] - LATENT_GAMMA[0]
+    return 0.5 * dgamma_dt * (eps - denoise(z_t, gamma_t)).square().sum(-1)
+
+
+def distortion_rate(nll_z, log_q_z, z):
+    """The two parts of the bound per row, in nats: D = L_dec(x, z), R = log q(z | x) - log p(z)
+    for latents z (B, d) drawn from q with their exact log q (B,). E_q[D + R] >= -log p(x), equal
+    when q is the exact posterior (then D + R = -log p(x) for every z)."""
+    log_prior = -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+    return nll_z, log_q_z - log_prior
+
+
+# -------------------------------------------------------------------------------------------------
+# 9. Configuration
 #
 # One dataclass holds every setting; presets are dicts of overrides; argparse is built from the
-# dataclass (section 13), so a flag exists exactly when a field does. Defaults are the paper's
+# dataclass (section 14), so a flag exists exactly when a field does. Defaults are the paper's
 # small CIFAR-10 model (DiffEnc-8-2: 8-block score U-Net, 2-level encoder U-Net), trained with
 # the official optimiser settings [code: config/config_opt_adamw_0002_no_clip.json].
 # -------------------------------------------------------------------------------------------------
@@ -948,7 +1084,7 @@ def validate(cfg):
 
 
 # -------------------------------------------------------------------------------------------------
-# 9. Data
+# 10. Data
 #
 # Images are kept in memory as uint8 (N, C, H, W). The official files are downloaded once into
 # --data-dir, checked by md5, and read with numpy/pickle; files already there are used without
@@ -1096,7 +1232,7 @@ def indexed_normal(indices, shape, n, *keys):
 
 
 # -------------------------------------------------------------------------------------------------
-# 10. Training
+# 11. Training
 #
 # AdamW (lr 2e-4, betas (0.9, 0.99), eps 1e-8, weight decay 0.01 except on biases), 100-step
 # linear warm-up then constant, no clipping, EMA 0.9999 of the weights for evaluation and
@@ -1487,7 +1623,7 @@ def format_seconds(s):
 
 
 # -------------------------------------------------------------------------------------------------
-# 11. Evaluation, sampling and figures
+# 12. Evaluation, sampling and figures
 #
 # Test BPD is the training estimator (one t, one eps, one eps_0 per image; several on request),
 # except that both boundary terms are computed exactly, with EMA weights and dropout off, over the
@@ -1874,7 +2010,7 @@ def run_inspect(ckpt_path, args):
 
 
 # -------------------------------------------------------------------------------------------------
-# 12. Benchmark (optional: nothing above uses it)
+# 13. Benchmark (optional: nothing above uses it)
 #
 # --bench builds the VDM (--encoder none) and DiffEnc (learned) for each speed setting asked for:
 # plain (float32, eager), then with --amp, then with --amp and --compile (each only if given),
@@ -2029,7 +2165,7 @@ def bench(cfg, rounds=10, warmup=2, sample_batch=16):
 
 
 # -------------------------------------------------------------------------------------------------
-# 13. Command line
+# 14. Command line
 #
 # argparse is generated from Config: every field is a flag (--n-embd, --encoder, ...). The value
 # of a setting is: the Config default, overridden by the --size preset, overridden by the flags
