@@ -2088,9 +2088,19 @@ def test_per_t_curve_at_initialisation_matches_its_closed_form_and_pairs_checkpo
 def test_bench_times_vdm_and_diffenc_and_counts_the_encoders_flops(capsys, float32):
     """[scale] --bench times VDM (encoder none) and DiffEnc (learned) on the same data and prints
     their paired ratio; the FLOP counter sees the encoder (its jvp and its boundary call), so
-    DiffEnc's count is the larger."""
+    DiffEnc's count is the larger. Sampling is timed as users sample: in eval mode (no dropout),
+    once per variant and round."""
     cfg = tiny_config("unused", dataset="synthetic", batch_size=4)
-    results = de.bench(cfg, rounds=2, warmup=0, sample_batch=2)
+    modes, sample = [], de.sample
+    def recording_sample(model, *args, **kw):
+        modes.append(model.training)
+        return sample(model, *args, **kw)
+    try:
+        de.sample = recording_sample
+        results = de.bench(cfg, rounds=2, warmup=0, sample_batch=2)
+    finally:
+        de.sample = sample
+    assert modes == [False] * 4
     out = capsys.readouterr().out
     assert "learned/none amp=0 compile=0: train" in out and out.count("GFLOP/step") == 2
     assert set(results) == {("none", False, False), ("learned", False, False)}
