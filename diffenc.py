@@ -259,7 +259,7 @@ class AttnBlock(nn.Module):
     kernels take on CPU and CUDA; they never build the (HW, HW) matrix and are faster (1.6x for
     forward + backward at 32x32 on CPU). They have no forward-mode rule, so the encoder, which runs
     under torch.func.jvp, keeps the 3-D form (the plain softmax(q k^T / sqrt(C)) v). Same maths;
-    test_fused_attention_gives_the_plain_attention's_loss_and_gradients pins the two together."""
+    test_fused_attention_gives_the_plain_attentions_loss_and_gradients pins the two together."""
 
     def __init__(self, c, groups, fused):
         super().__init__()
@@ -859,6 +859,16 @@ def latent_gamma(t):
     return gamma_0 + (gamma_1 - gamma_0) * t
 
 
+def latent_grid(S, like):
+    """gamma at the S + 1 grid times t_i = i / S, in like's dtype and device: (S + 1,)."""
+    return latent_gamma(torch.linspace(0, 1, S + 1, dtype=like.dtype, device=like.device))
+
+
+def log_standard_normal(z):
+    """log N(z; 0, I) per row of z (B, d): the prior's log-density, and the sampler's start's."""
+    return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+
+
 def langevin_step(z, grad_U, eta, xi):
     """One step of the unadjusted Langevin algorithm: z - eta grad U(z) + sqrt(2 eta) xi. It has
     no accept/reject test, so its stationary law is exp(-U) only as eta -> 0: for U(z) =
@@ -878,12 +888,14 @@ def posterior_energy(nll, beta=1.0, lam=0.0, log_q=None):
 def e_step(z, energy, eta, K, noise):
     """K Langevin steps on energy (z (B, d) -> U (B,)) from z; noise() draws xi (B, d). Returns
     z_K (no graph) and U(z_K) - U(z_0) per row: negative where the chain moved downhill, which it
-    must on average when it starts from a proposal worse than the target."""
-    z = z.detach()
-    u_0 = energy(z).detach()
+    must on average when it starts from a proposal worse than the target. K + 1 evaluations of U
+    (each a decoder pass in training): U(z_0) is the first step's."""
+    z, u_0 = z.detach(), None
     for _ in range(K):
         z.requires_grad_(True)
-        grad_U, = torch.autograd.grad(energy(z).sum(), z)
+        u = energy(z)                                                            # (B,)
+        u_0 = u.detach() if u_0 is None else u_0
+        grad_U, = torch.autograd.grad(u.sum(), z)
         z = langevin_step(z.detach(), grad_U, eta, noise())
     return z, energy(z).detach() - u_0
 
@@ -905,8 +917,7 @@ def latent_step(z_t, eps_hat, gamma_s, gamma_t, xi=None):
 def latent_sample(denoise, z_1, S, noise=None):
     """z_0 (B, d) from z_1 (B, d) in S steps on the uniform grid t_i = i / S: ancestral with
     noise() (a draw of q_phi(z | x)), deterministic with noise None."""
-    gammas = latent_gamma(torch.linspace(0, 1, S + 1, dtype=z_1.dtype, device=z_1.device))
-    z = z_1
+    gammas, z = latent_grid(S, z_1), z_1
     for i in range(S, 0, -1):
         eps_hat = denoise(z, gammas[i].expand(len(z)))
         z = latent_step(z, eps_hat, gammas[i - 1], gammas[i], None if noise is None else noise())
@@ -917,27 +928,26 @@ def latent_log_q(denoise, z_1, S):
     """The deterministic sampler's z_0 (B, d) and its exact log-density log q(z_0) (B,): the
     change of variables from z_1 ~ N(0, I). Each step's Jacobian dz_s / dz_t (B, d, d) is exact
     (torch.func.jacrev: d backward passes of the batch sum, which holds every row's Jacobian since
-    rows do not interact); d <= 64 keeps the S log-determinants cheap."""
-    B, d = z_1.shape
-    gammas = latent_gamma(torch.linspace(0, 1, S + 1, dtype=z_1.dtype, device=z_1.device))
-    log_q = -0.5 * z_1.square().sum(-1) - 0.5 * d * math.log(2 * math.pi)  # log N(z_1; 0, I)
-    z = z_1
+    rows do not interact; the step itself comes back as jacrev's aux, one denoiser pass per step);
+    d <= 64 keeps the S log-determinants cheap."""
+    gammas, z, log_q = latent_grid(S, z_1), z_1, log_standard_normal(z_1)
     for i in range(S, 0, -1):
-        step = lambda z_t: latent_step(z_t, denoise(z_t, gammas[i].expand(B)), gammas[i - 1],
-                                       gammas[i])
-        jac = torch.func.jacrev(lambda z_t: step(z_t).sum(0))(z).transpose(0, 1)  # (B, d, d)
-        log_q = log_q - torch.linalg.slogdet(jac).logabsdet
-        z = step(z)
+        def step(z_t):  # (B, d) -> (sum over rows (d,), z_s (B, d))
+            z_s = latent_step(z_t, denoise(z_t, gammas[i].expand(len(z_t))), gammas[i - 1],
+                              gammas[i])
+            return z_s.sum(0), z_s
+        jac, z = torch.func.jacrev(step, has_aux=True)(z)                       # (d, B, d)
+        log_q = log_q - torch.linalg.slogdet(jac.transpose(0, 1)).logabsdet
     return z, log_q
 
 
 def latent_denoising_loss(denoise, z_0, t, eps):
     """The encoder's M-step loss per row (B,): VDM's continuous-time diffusion loss for data z_0
     (B, d) with eps-prediction, gamma'(t) |eps - eps_hat(z_t, gamma_t)|^2 / 2 (section 4 with
-    x_phi = x), at one t (B,) and eps (B, d) per row. Its expectation bounds -log q_phi(z_0 | x)
-    from above, up to the latent schedule's prior and reconstruction terms (each below 1e-4 nats
-    per dimension at gamma = +-10), so minimising it over the chain's samples is maximum
-    likelihood."""
+    x_phi = x), at one t (B,) and eps (B, d) per row. With the reconstruction term of a continuous
+    z_0, d/2 (log 2 pi + gamma_0 + 1) (a constant: it has no parameters) and the prior term
+    (below 1e-4 nats at gamma_1 = 10), its expectation bounds -log q_phi(z_0 | x) from above, so
+    minimising it over the chain's samples is maximum likelihood."""
     gamma_t = latent_gamma(t)
     alpha, sigma = alpha_sigma(gamma_t[:, None])
     z_t = alpha * z_0 + sigma * eps
@@ -949,8 +959,7 @@ def distortion_rate(nll_z, log_q_z, z):
     """The two parts of the bound per row, in nats: D = L_dec(x, z), R = log q(z | x) - log p(z)
     for latents z (B, d) drawn from q with their exact log q (B,). E_q[D + R] >= -log p(x), equal
     when q is the exact posterior (then D + R = -log p(x) for every z)."""
-    log_prior = -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
-    return nll_z, log_q_z - log_prior
+    return nll_z, log_q_z - log_standard_normal(z)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2015,10 +2024,11 @@ def run_inspect(ckpt_path, args):
 # --bench builds the VDM (--encoder none) and DiffEnc (learned) for each speed setting asked for:
 # plain (float32, eager), then with --amp, then with --amp and --compile (each only if given),
 # and times them interleaved: every round runs one training step (forward, backward, AdamW, EMA)
-# and one sampling step of every variant in turn, so that drift of the machine's speed hits all
-# alike. It prints medians over the rounds with their interquartile range, the ratio DiffEnc /
-# VDM paired round by round, the matmul and convolution FLOPs (PyTorch's counter), and the MFU
-# on a known CUDA GPU. Speed is measured here, never in a test.
+# of every variant, then one sampling step of every variant (in a rotated order), so that drift of
+# the machine's speed hits all alike. It prints medians over the rounds with their interquartile
+# range, the ratio DiffEnc / VDM paired round by round, the matmul, convolution and attention
+# FLOPs (PyTorch's counter), and the MFU on a known CUDA GPU. Speed is measured here, never in a
+# test.
 # -------------------------------------------------------------------------------------------------
 
 def peak_rss():

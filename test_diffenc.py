@@ -1384,7 +1384,8 @@ def test_the_e_step_samples_the_tempered_posterior_with_ulas_bias():
     nll, mean, cov, _ = linear_gaussian(beta=2.0)
     P, eta, n = torch.linalg.inv(cov), 0.1, 20_000
     noise = chains(n, 0)
-    z, delta_U = de.e_step(mean + 4.0, de.posterior_energy(nll, beta=2.0), eta, 300, noise)
+    z_0 = (mean + 4.0).expand(n, 2)
+    z, delta_U = de.e_step(z_0, de.posterior_energy(nll, beta=2.0), eta, 300, noise)
     ula = torch.linalg.inv(P - eta * P @ P / 2)
     se_mean = (ula.diagonal() / n).sqrt()
     se_cov = ((ula.diagonal()[:, None] * ula.diagonal()[None] + ula ** 2) / n).sqrt()
