@@ -320,10 +320,17 @@ class ScoreUNet(nn.Module):
         self.up = nn.ModuleList([block(2 * n) for _ in range(cfg.n_layer + 1)])
         self.norm_out, self.conv_out = group_norm(n, groups), nn.Conv2d(n, channels, 3, padding=1)
         zero_init(self.conv_out)
+        # --model em (section 8): the latent z (B, d) enters as t does, added to the time
+        # embedding through two Dense layers; not zero-initialised, because a decoder blind to z
+        # is a fixed point of EM (the posterior is then the prior, and nothing moves z).
+        self.zemb = (nn.Sequential(nn.Linear(cfg.latent_dim, 4 * n), nn.SiLU(),
+                                   nn.Linear(4 * n, 4 * n)) if cfg.model == "em" else None)
 
-    def forward(self, z, gamma):
+    def forward(self, z, gamma, cond=None):
         t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)  # (B,), in [0, 1]
         temb = self.temb(timestep_embedding(1000 * t_in, self.n))            # (B, 4n)
+        if self.zemb is not None:
+            temb = temb + self.zemb(cond)                                    # p_theta(x | z)
         hs = [self.conv_in(torch.cat([z, fourier_features(z)], dim=1))]      # (B, n, H, W)
         for blk in self.down:
             hs.append(blk(hs[-1], temb))
@@ -584,9 +591,11 @@ class DiffEnc(nn.Module):
         self.schedule = NoiseSchedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max)
         self.score = ScoreUNet(cfg, C)
         self.enc = EncoderUNet(cfg, C) if cfg.encoder == "learned" else None
-        lecun_init(self.score)
-        if self.enc is not None:
-            lecun_init(self.enc)
+        # --model em: q_phi(z | x), a diffusion model in latent space (section 8)
+        self.latent_enc = LatentEncoder(cfg, image_shape) if cfg.model == "em" else None
+        for net in (self.score, self.enc, self.latent_enc):
+            if net is not None:
+                lecun_init(net)
 
     def encode(self, x, gamma, derivative):
         """x_phi(x, lambda) and (if derivative) dx_phi/dlambda. x: (B, C, H, W), gamma: (B,)."""
@@ -601,18 +610,19 @@ class DiffEnc(nn.Module):
         y, dy_dgamma = torch.func.jvp(lambda gm: self.enc(x, gm), (gamma,), (tangent,))
         return encoder_mean("learned", x, g, y, dy_dgamma)
 
-    def predict(self, z, gamma):
+    def predict(self, z, gamma, cond=None):
         """The score network's output (v_hat or eps_hat, like z) in z's dtype. --amp runs it, and
         only it, under bf16 autocast: the encoder and its jvp stay in full precision (autocast does
-        not reach the tangents of torch.func.jvp, so conv weights and inputs would disagree)."""
+        not reach the tangents of torch.func.jvp, so conv weights and inputs would disagree).
+        cond (B, d): the latent z that --model em's decoder is conditioned on (section 8)."""
         with torch.autocast(z.device.type, torch.bfloat16, enabled=self.cfg.amp):
-            return self.score(z, gamma).to(z.dtype)
+            return self.score(z, gamma, cond).to(z.dtype)
 
-    def forward(self, x_int, t, eps, eps_0):
+    def forward(self, x_int, t, eps, eps_0, cond=None):
         """-ELBO terms per image (nats): (diffusion, latent, recon), each (B,).
 
         x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1]; eps, eps_0: (B, C, H, W),
-        N(0, I).
+        N(0, I); cond: (B, d), --model em's latent z (only the diffusion term depends on it).
         The model computes in eps's dtype (float32 in training, float64 in the theory tests).
         """
         B = x_int.shape[0]
@@ -626,7 +636,7 @@ class DiffEnc(nn.Module):
             recon = recon_loss(x_int, x_enc_0, gamma_0, eps_0)  # 1. reconstruction, -log p(x | z_0)
             latent = prior_loss(x_enc_1, gamma_1)               # 2. prior, KL(q(z_1|x) || N(0, I))
         # 3. diffusion, 0 < t < 1: the continuous-time loss (the paper) or the exact T-step loss.
-        diff = self._continuous(x, t, eps) if self.cfg.T == 0 else self._discrete(x, t, eps)
+        diff = self._continuous(x, t, eps, cond) if self.cfg.T == 0 else self._discrete(x, t, eps)
         return diff, latent, recon
 
     def _boundary_terms_estimate(self, x_int, x, t, eps_0, gamma_0, gamma_1):
@@ -646,7 +656,7 @@ class DiffEnc(nn.Module):
         recon = 2 * recon_loss(x_int[data_end], x_enc_end[data_end], gamma_0, eps_0[data_end])
         return x.new_zeros(len(x)).index_put((data_end,), recon), latent
 
-    def _continuous(self, x, t, eps):
+    def _continuous(self, x, t, eps, cond=None):
         """The continuous-time diffusion loss at one t per image (section 4), (B,) nats."""
         s, ds_dt = torch.func.jvp(self.schedule.shape, (t,), (torch.ones_like(t),))  # (B,) each
         gamma_0, gamma_1 = self.schedule.endpoints()
@@ -655,7 +665,7 @@ class DiffEnc(nn.Module):
         alpha, sigma = alpha_sigma(g)
         x_enc, dx_enc = self.encode(x, gamma_t, derivative=True)       # x_phi, dx_phi/dlambda
         z_t = alpha * x_enc + sigma * eps                                        # ~ q(z_t | x)
-        out = self.predict(z_t, gamma_t)
+        out = self.predict(z_t, gamma_t, cond)
         x_hat = predict_x(out, z_t, alpha, sigma, self.cfg.param)
         euler_step = self.cfg.encoder != "none"
         # the generative model's dx_phi/dlambda: sigma^2 x_hat (DiffEnc), 0 (VDM)
@@ -721,9 +731,10 @@ def bits_per_dim(terms, image_shape):
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(model, n, T, seed, keep=(), var_ratio=None):
+def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None):
     """n samples with T steps: (x (n, C, H, W) uint8, {step i: x_hat at t = i/T for i in keep}).
-    var_ratio (T,): sigma_P^2 / sigma_Q^2 of each step i = 1..T instead of 1 (section 4)."""
+    var_ratio (T,): sigma_P^2 / sigma_Q^2 of each step i = 1..T instead of 1 (section 4).
+    cond (n, d): --model em's latent z for each sample (section 8)."""
     device, dtype = model.schedule.b.device, model.schedule.b.dtype
     g = rng(seed, RNG["sample"])  # noise drawn on the CPU: the same samples on every device
     noise = lambda: torch.randn((n, *model.image_shape), generator=g, dtype=dtype).to(device)
@@ -733,7 +744,7 @@ def sample(model, n, T, seed, keep=(), var_ratio=None):
     for i in range(T, 0, -1):
         gamma_t, gamma_s = gammas[i], gammas[i - 1]
         alpha_t, sigma_t = alpha_sigma(gamma_t)
-        out = model.predict(z, gamma_t.expand(n))
+        out = model.predict(z, gamma_t.expand(n), cond)
         x_hat = predict_x(out, z, alpha_t, sigma_t, model.cfg.param)           # (n, C, H, W)
         if i in keep:
             kept[i] = x_hat.cpu()
@@ -843,8 +854,10 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
 #     log q(z_0) = log N(z_1; 0, I) - sum over steps of log |det dz_s / dz_t|.
 # The functions take callables (an energy, a denoiser), so the tests drive them with analytic
 # models. A denoiser maps (z_t (B, d), gamma_t (B,)) to eps_hat (B, d), each row from its own row
-# (the encoder's conditioning on x is bound inside it); the training mode that uses these
-# functions with networks (--model em) is not built yet.
+# (the encoder's conditioning on x is bound inside it). At the end of the section, --model em
+# puts them together with networks: the decoder is section 5's model with z added to the score
+# U-Net's time embedding (ScoreUNet.zemb), the encoder's denoiser is LatentEncoder, and em_losses
+# is one EM iteration on a batch.
 # -------------------------------------------------------------------------------------------------
 
 # The latent encoder's fixed linear schedule, gamma from -10 to 10: sigma^2 = sigmoid(gamma) is
@@ -889,8 +902,10 @@ def e_step(z, energy, eta, K, noise):
     """K Langevin steps on energy (z (B, d) -> U (B,)) from z; noise() draws xi (B, d). Returns
     z_K (no graph) and U(z_K) - U(z_0) per row: negative where the chain moved downhill, which it
     must on average when it starts from a proposal worse than the target. K + 1 evaluations of U
-    (each a decoder pass in training): U(z_0) is the first step's."""
+    (each a decoder pass in training): U(z_0) is the first step's. K = 0: no step, no evaluation."""
     z, u_0 = z.detach(), None
+    if K == 0:
+        return z, z.new_zeros(len(z))
     for _ in range(K):
         z.requires_grad_(True)
         u = energy(z)                                                            # (B,)
@@ -962,6 +977,103 @@ def distortion_rate(nll_z, log_q_z, z):
     return nll_z, log_q_z - log_standard_normal(z)
 
 
+# --model em, the pieces above with networks. The decoder's -ELBO(x | z) depends on z only through
+# its diffusion term (the score network sees z; the boundary terms do not), so the decoder
+# pressure grad_z L_dec is the gradient of that term alone, estimated with one (t, eps) per image
+# like the training loss. With lambda > 0 the E-step needs log q_phi(z | x) at the chain's z, where
+# the deterministic sampler cannot be inverted cheaply; it uses the encoder's own bound instead,
+# -log q <= latent_denoising_loss + LATENT_RECON d (tight for the exact denoiser, see there), with
+# a fresh (t, eps) per step, as the decoder's term is. Its constant does not move the chain.
+LATENT_RECON = 0.5 * (math.log(2 * math.pi) + LATENT_GAMMA[0] + 1)  # per dimension, nats
+
+
+class LatentEncoder(nn.Module):
+    """q_phi(z | x)'s denoiser eps_hat(z_t, gamma_t; h(x)): an MLP on (z_t, the time embedding,
+    h(x)), h a conv embedding of the image (three stride-2 3x3 convs, then Dense). The network adds
+    sigma_t z_t, the exact denoiser of N(0, I) data, to a zero-initialised last layer: at init q_phi
+    is the prior exactly, and the E-step alone moves the latents toward the posterior."""
+
+    def __init__(self, cfg, image_shape):
+        super().__init__()
+        C, H, W = image_shape
+        d, w = cfg.latent_dim, cfg.latent_width
+        self.w, convs, c_in = w, [], C
+        for c in (w // 8, w // 4, w // 2):  # each halves H and W (rounding up): H -> ceil(H / 8)
+            convs += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.SiLU()]
+            c_in = c
+        n_pos = math.ceil(H / 8) * math.ceil(W / 8)
+        self.embed = nn.Sequential(*convs, nn.Flatten(), nn.Linear(c_in * n_pos, w))
+        self.mlp = nn.Sequential(nn.Linear(d + 2 * w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(),
+                                 nn.Linear(w, d))
+        zero_init(self.mlp[-1])
+
+    def denoiser(self, x):
+        """x (B, C, H, W) in [-1, 1] -> the callable (z_t (B, d), gamma_t (B,)) -> eps_hat (B, d)
+        that the functions above take, with h(x) computed once and bound in."""
+        h = self.embed(x)                                                        # (B, w)
+
+        def denoise(z_t, gamma):
+            t_in = (gamma - LATENT_GAMMA[0]) / (LATENT_GAMMA[1] - LATENT_GAMMA[0])
+            temb = timestep_embedding(1000 * t_in, self.w)                     # (B, w)
+            sigma = alpha_sigma(gamma[:, None])[1]                               # (B, 1)
+            return sigma * z_t + self.mlp(torch.cat([z_t, temb, h], 1))
+        return denoise
+
+
+def decoder_nll(model, x, t, eps):
+    """z (B, d) -> the decoder's diffusion loss L_diff(x, z) (B,) nats at one (t, eps) per image:
+    its -ELBO(x | z) up to the terms that do not depend on z. x (B, C, H, W) in [-1, 1]."""
+    return lambda z: model._continuous(x, t, eps, z)
+
+
+def em_e_step(model, x, z_0, denoise, times, normal):
+    """The E-step on a batch: K ULA steps from z_0 (B, d) on U = |z|^2 / 2 + L_diff(x, z) / beta
+    - lam log q_phi(z | x). Each step draws its own (t, eps) for the decoder's term (times() (B,),
+    normal(*shape)); U(z_K) reuses U(z_0)'s draw, so Delta U compares the two latents on the same
+    noise (common random numbers: its sign is not drowned by the draws' variance). Returns z_K and
+    Delta U (B,)."""
+    cfg = model.cfg
+    draws = [(times(), normal(*x.shape), times(), normal(*z_0.shape))
+             for _ in range(cfg.langevin_steps)]
+    calls = iter(draws + draws[:1])
+
+    def energy(z):
+        t_k, eps_k, t_q, eps_q = next(calls)
+        log_q = lambda z: -latent_denoising_loss(denoise, z, t_q, eps_q)  # up to its constant
+        return posterior_energy(decoder_nll(model, x, t_k, eps_k), cfg.beta, cfg.lam, log_q)(z)
+    return e_step(z_0, energy, cfg.langevin_eta, cfg.langevin_steps, lambda: normal(*z_0.shape))
+
+
+def em_losses(model, x_int, t, eps, eps_0, g):
+    """One EM iteration on a batch. x_int (B, C, H, W) uint8; t (B,), eps, eps_0 (B, C, H, W): the
+    decoder's noise for its M-step; g: a CPU generator for the encoder's sampler and the E-step.
+    Returns the M-steps' two losses, scalars: the decoder's bpd on (x, z_K), and the encoder's
+    latent loss on z_K in bits per latent dimension (disjoint weights: one optimiser step on their
+    sum does both), and the report (5,): the decoder's (diffusion, latent, recon) bpd, the
+    encoder's bound on -log q_phi(z_K | x) in nats per latent dimension, and the mean Delta U of
+    the E-step (nats)."""
+    cfg, B, d = model.cfg, len(x_int), model.cfg.latent_dim
+    x = scale_pixels(x_int, eps.dtype)                                          # (B, C, H, W)
+    normal = lambda *shape: torch.randn(shape, generator=g, dtype=eps.dtype).to(eps.device)
+    times = lambda: low_discrepancy_times(torch.rand(1, generator=g), B).to(t)  # (B,)
+    # 1. z_0 ~ q_phi(z | x): S ancestral steps. 2. E-step. Decoder without dropout; no weights move.
+    model.eval()
+    with torch.no_grad():
+        denoise = model.latent_enc.denoiser(x)
+        z_0 = latent_sample(denoise, normal(B, d), cfg.latent_steps, lambda: normal(B, d))
+    z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal)           # (B, d), (B,)
+    model.train()
+    # 3. M-step, decoder: its -ELBO on the refined latents (z_K carries no graph).
+    diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_K)                # (B,) each, nats
+    # 4. M-step, encoder: maximum likelihood of q_phi on the chain's samples.
+    enc = latent_denoising_loss(model.latent_enc.denoiser(x), z_K, times(), normal(B, d))  # (B,)
+    terms = torch.stack([bits_per_dim([a], model.image_shape).mean()            # (3,) bpd
+                         for a in (diff, latent, recon)])
+    report = torch.cat([terms.detach(), torch.stack([enc.detach().mean() / d + LATENT_RECON,
+                                                     delta_U.mean()])])
+    return terms.sum(), enc.mean() / (d * math.log(2)), report
+
+
 # -------------------------------------------------------------------------------------------------
 # 9. Configuration
 #
@@ -1002,6 +1114,16 @@ class Config:
     enc_levels: int = setting(2, "encoder U-Net resolution levels (each halves H, W)")
     enc_blocks: int = setting(1, "encoder ResNet blocks per level")
     enc_dropout: float = setting(0.1, "dropout in the encoder U-Net")
+    # the Diffusion Encoder (section 8): the options below --model are used only with --model em
+    model: str = setting("diffenc", "diffenc: the paper's model; em: an autoencoder whose encoder "
+                         "is a latent diffusion model, trained by EM", ("diffenc", "em"))
+    latent_dim: int = setting(16, "latent size d (at most 64: log q needs d x d Jacobians)")
+    latent_width: int = setting(256, "width of the latent encoder's MLP (a multiple of 8)")
+    latent_steps: int = setting(20, "the latent encoder's sampling steps S")
+    langevin_steps: int = setting(10, "E-step: Langevin steps K (0: no E-step, an ablation)")
+    langevin_eta: float = setting(1e-3, "E-step: Langevin step size eta")
+    beta: float = setting(1.0, "E-step: beta, the information bottleneck (1: the ELBO)")
+    lam: float = setting(0.0, "E-step: lambda, the pull toward the encoder, in [0, 1)")
     # optimisation
     steps: int = setting(1_400_000, "training steps (the paper's small models: 1.4M)")
     batch_size: int = setting(128, "global batch size (split over DDP ranks)")
@@ -1030,8 +1152,8 @@ PRESETS = {
     # GroupNorm needs >= 2 channels per group to keep the time embedding (see group_norm): 8 groups
     # of 4 channels in the score net, 8 and 4 groups of >= 2 channels in the encoder.
     "tiny": dict(n_embd=32, n_layer=1, enc_ch=16, norm_groups=8, enc_norm_groups=4,
-                 batch_size=32, log_every=10, eval_every=200, eval_images=1000, save_every=200,
-                 ema=0.999),
+                 latent_width=64, batch_size=32, log_every=10, eval_every=200, eval_images=1000,
+                 save_every=200, ema=0.999),
     "small": dict(),  # the defaults: the paper's DiffEnc-8-2
     # DiffEnc-32-4: 32 blocks; the paper's encoder for it is unet_mult_res_4 (2 levels x 2 blocks).
     "large": dict(n_layer=32, enc_blocks=2),
@@ -1040,7 +1162,8 @@ PRESETS = {
 # Fields that define the network and the likelihood: a checkpoint can only be resumed or
 # evaluated with the same values (the others, e.g. steps or lr, may change on resume).
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
-                "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups")
+                "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups",
+                "model", "latent_dim", "latent_width")
 
 
 # What each field's value must be: every Config field has a rule here, a list of choices, or is a
@@ -1057,6 +1180,10 @@ RULES = dict(
     T=(lambda v: v >= 0, "0 (continuous time) or a positive number of steps"),
     n_embd=POSITIVE, n_layer=POSITIVE, norm_groups=POSITIVE, enc_ch=POSITIVE, enc_levels=POSITIVE,
     enc_blocks=POSITIVE, enc_norm_groups=POSITIVE, dropout=UNIT, enc_dropout=UNIT,
+    latent_dim=(lambda v: 1 <= v <= 64, "in 1..64"),
+    latent_width=(lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
+    latent_steps=POSITIVE, langevin_steps=(lambda v: v >= 0, "0 (no E-step) or more"),
+    langevin_eta=POSITIVE, beta=POSITIVE, lam=UNIT,
     steps=POSITIVE, batch_size=POSITIVE, lr=POSITIVE,
     warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
     weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
@@ -1090,6 +1217,12 @@ def validate(cfg):
     if not cfg.gamma_min < cfg.gamma_max:
         raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max "
                            f"({cfg.gamma_max})")
+    if cfg.model == "em" and cfg.T:
+        raise DiffEncError(f"--model em trains with the continuous-time loss only; drop "
+                           f"--T {cfg.T}")
+    if cfg.model == "em" and cfg.compile:
+        raise DiffEncError("--model em runs its decoder uncompiled (the E-step differentiates it "
+                           "by z); drop --compile")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1120,7 +1253,8 @@ def rng(*keys):
 
 # The streams of rng(seed, ..., stream): each kind of randomness has its own, so that drawing more
 # of one never shifts another.
-RNG = dict(order=1, train_noise=2, sample=3, dropout=4, eval_noise=5, bench=6, sigma_p=7)
+RNG = dict(order=1, train_noise=2, sample=3, dropout=4, eval_noise=5, bench=6, sigma_p=7,
+           e_step=8, latent_eval=9, latent_sample=10)
 
 
 def download(url, path):
@@ -1344,9 +1478,10 @@ def load_checkpoint(path):
 def check_compatible(saved, cfg, path):
     """A checkpoint can only continue a run whose network and likelihood are the same."""
     for name in MODEL_FIELDS:
-        if saved[name] != getattr(cfg, name):
+        value = saved.get(name, getattr(Config, name))  # a field newer than the checkpoint: default
+        if value != getattr(cfg, name):
             flag = name.replace("_", "-")
-            raise DiffEncError(f"{path} was trained with --{flag} {saved[name]}, but this run "
+            raise DiffEncError(f"{path} was trained with --{flag} {value}, but this run "
                                f"has --{flag} {getattr(cfg, name)}; use the same value or a new "
                                f"--out")
 
@@ -1458,35 +1593,50 @@ def lock_run_folder(out):
     return f
 
 
-LOG_HEADER = "step,bpd,diffusion,latent,recon,lr"
+# What a training step reports, per model: log.csv's columns between bpd and lr, and the size of
+# the report that train_step returns (--model em adds the encoder's loss and the E-step's Delta U).
+LOG_COLUMNS = dict(diffenc=("diffusion", "latent", "recon"),
+                   em=("diffusion", "latent", "recon", "enc_nll", "delta_U"))
 
 
-def open_log(path, step):
+def log_header(cfg):
+    return ",".join(("step", "bpd") + LOG_COLUMNS[cfg.model] + ("lr",))
+
+
+def open_log(path, step, header):
     """log.csv cut back to the complete rows of steps <= step, opened for appending: rows that a
     killed run wrote after its last checkpoint are written again after the resume, once."""
     rows = open(path).read().splitlines()[1:] if os.path.exists(path) else []
-    n_fields = LOG_HEADER.count(",") + 1
+    n_fields = header.count(",") + 1
     keep = [r for r in rows if r.count(",") + 1 == n_fields and int(r.split(",")[0]) <= step]
-    atomic_write(path, lambda f: f.write("".join(r + "\n" for r in [LOG_HEADER] + keep).encode()))
+    atomic_write(path, lambda f: f.write("".join(r + "\n" for r in [header] + keep).encode()))
     return open(path, "a")
 
 
 def train_step(net, model, ema, opt, cfg, step, batch, world):
     """One step of AdamW on the bpd of batch = (x (B, C, H, W) uint8, t (B,), eps, eps_0 (B, C,
-    H, W)). Returns the global-batch mean (diffusion, latent, recon) in bpd, shape (3,); the
-    weights are left untouched when that is not finite."""
+    H, W)); for --model em, one EM iteration (em_losses) with the E-step's noise drawn from
+    (seed, step). Returns the global-batch mean report in bpd (diffusion, latent, recon, and for
+    em also its two columns of LOG_COLUMNS); the weights are left untouched when it is not
+    finite."""
     for group in opt.param_groups:
         group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
-    terms = torch.stack([bits_per_dim([a], model.image_shape).mean()     # (3,): the batch means
-                         for a in net(*batch)])                  # of diff, latent, recon
-    report = terms.detach().clone()
+    if cfg.model == "em":
+        decoder_loss, encoder_loss, report = em_losses(model, *batch,
+                                                       rng(cfg.seed, step, RNG["e_step"]))
+        loss = decoder_loss + encoder_loss
+    else:
+        terms = torch.stack([bits_per_dim([a], model.image_shape).mean()  # (3,): the batch means
+                             for a in net(*batch)])               # of diff, latent, recon
+        loss, report = terms.sum(), terms
+    report = report.detach().clone()
     if world > 1:
         dist.all_reduce(report)
         report /= world
     if not torch.isfinite(report).all():
         return report.cpu()
     opt.zero_grad(set_to_none=True)
-    terms.sum().backward()
+    loss.backward()
     if cfg.clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
     opt.step()
@@ -1503,6 +1653,9 @@ def train(cfg):
     if cfg.batch_size % world:
         raise DiffEncError(f"--batch-size {cfg.batch_size} is not divisible by the {world} "
                            f"processes; pick a multiple of {world}")
+    if cfg.model == "em" and world > 1:
+        raise DiffEncError("--model em trains in one process (its E-step is not data-parallel); "
+                           "run it without torchrun")
     data = load_dataset(cfg.dataset, cfg.data_dir, "train")                   # (N, C, H, W) uint8
     test = load_dataset(cfg.dataset, cfg.data_dir, "test")
     if len(data) < cfg.batch_size:
@@ -1516,7 +1669,8 @@ def train(cfg):
     latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
     step, best = 0, math.inf
     saved = None                          # the step that latest.pt holds (None: none written yet)
-    window, n_window = torch.zeros(3, dtype=torch.float64), 0  # reports since the last log row
+    n_report = len(LOG_COLUMNS[cfg.model])
+    window, n_window = torch.zeros(n_report, dtype=torch.float64), 0  # since the last log row
     lock = log = None
     previous = {}                         # the signal handlers to restore
     try:
@@ -1541,11 +1695,13 @@ def train(cfg):
             stop.append(signum)
             signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        log = open_log(os.path.join(cfg.out, "log.csv"), step) if rank == 0 else None
+        log_path = os.path.join(cfg.out, "log.csv")
+        log = open_log(log_path, step, log_header(cfg)) if rank == 0 else None
         B, t0, start_step, skipped = cfg.batch_size // world, time.time(), step, 0
         if rank == 0:
             n_params = sum(p.numel() for p in model.parameters())
-            print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, encoder={cfg.encoder}, "
+            em = f"model=em (d={cfg.latent_dim}, K={cfg.langevin_steps}), " * (cfg.model == "em")
+            print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, {em}encoder={cfg.encoder}, "
                   f"param={cfg.param}, schedule={cfg.schedule}, {n_params:,} parameters, "
                   f"device={device}, world={world}, from step {step} to {cfg.steps}", flush=True)
         while step < cfg.steps:
@@ -1583,9 +1739,9 @@ def train(cfg):
                     rate = (step - start_step) / (time.time() - t0)
                     write_log_row(log, step, cfg.steps, window / n_window,
                                   opt.param_groups[0]["lr"], rate)
-                window, n_window = torch.zeros(3, dtype=torch.float64), 0
+                window, n_window = torch.zeros(n_report, dtype=torch.float64), 0
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                bpd = evaluate(ema, test, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1)
+                bpd = test_bound(ema, test, cfg)
                 print(f"step {step} | test bpd {bpd.mean():.4f} (EMA, "
                       f"{cfg.eval_images or len(test)} images)", flush=True)
                 if bpd.mean() < best:
@@ -1617,13 +1773,15 @@ def train(cfg):
 
 
 def write_log_row(log, step, steps, means, lr, rate):
-    """One row of log.csv (full precision) and the progress line; means: (3,) bpd terms."""
-    d, l, r = means.tolist()
-    log.write(f"{step},{d + l + r!r},{d!r},{l!r},{r!r},{lr!r}\n")
+    """One row of log.csv (full precision) and the progress line; means: the report's window
+    mean, (diffusion, latent, recon) bpd and for --model em (encoder nll, Delta U) in nats."""
+    d, l, r, *em = means.tolist()
+    log.write(",".join(map(repr, [step, d + l + r, d, l, r, *em, lr])) + "\n")
     log.flush()
+    em = f" | enc {em[0]:.3f} nats/dim | E-step dU {em[1]:+.2f} nats" if em else ""
     print(f"step {step}/{steps} | bpd {d + l + r:.4f} (diff {d:.4f} latent {l:.5f} recon "
-          f"{r:.5f}) | lr {lr:.1e} | {rate:.2f} it/s | ETA {format_seconds((steps - step) / rate)}",
-          flush=True)
+          f"{r:.5f}){em} | lr {lr:.1e} | {rate:.2f} it/s | "
+          f"ETA {format_seconds((steps - step) / rate)}", flush=True)
 
 
 def format_seconds(s):
@@ -1668,6 +1826,43 @@ def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None,
     return bits_per_dim([torch.cat(rows)], model.image_shape)
 
 
+@torch.no_grad()
+def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
+    """--model em's bound per image, averaged over `samples` draws, (N, 5) float64 bpd: D in its
+    three terms (diffusion, latent, recon), R, and D_prior. D + R is the bound of section 8 with z
+    from the encoder's deterministic S-step sampler (its exact log q: latent_log_q); D_prior is
+    the decoder's -ELBO with z ~ N(0, I) instead (the bound of q = p(z): R = 0), so D_prior - D is
+    what the latent tells the decoder. D and D_prior use evaluate's (t, eps, eps_0) per image, so
+    they pair with each other and with any other checkpoint's test bpd."""
+    p, S = next(model.parameters()), S or model.cfg.latent_steps
+    N, d = min(n_images or len(data), len(data)), model.cfg.latent_dim
+    rows = []
+    for b0 in range(0, N, batch_size):
+        idx = torch.arange(b0, min(b0 + batch_size, N))                 # (b,) test-set indices
+        x_int = data[idx].to(p.device)                                  # (b, C, H, W) uint8
+        acc = torch.zeros(len(x_int), 5, dtype=torch.float64)           # (b, 5)
+        for k in range(samples):
+            noise = eval_noise(seed, idx, model.image_shape, k)
+            t, eps, eps_0 = (a.to(p.device, p.dtype) for a in noise)    # (b,), 2 x (b, C, H, W)
+            z_1, z_prior = (a.to(p.device, p.dtype)                     # (b, d) each
+                            for a in indexed_normal(idx, (d,), 2, seed, k, RNG["latent_eval"]))
+            denoise = model.latent_enc.denoiser(scale_pixels(x_int, p.dtype))
+            z, log_q = latent_log_q(denoise, z_1, S)          # torch.func ignores the no_grad
+            terms = model(x_int, t, eps, eps_0, cond=z)                  # D's terms, (b,) each
+            _, rate = distortion_rate(sum(terms), log_q, z)
+            d_prior = sum(model(x_int, t, eps, eps_0, cond=z_prior))
+            acc += torch.stack([*terms, rate, d_prior], 1).double().cpu()
+        rows.append(acc / samples)
+    return bits_per_dim([torch.cat(rows)], model.image_shape)
+
+
+def test_bound(model, data, cfg):
+    """The test bpd that training prints and keeps best.pt by, (N,): the ELBO, or D + R for em."""
+    if cfg.model == "em":
+        return evaluate_em(model, data, cfg.batch_size, cfg.seed, cfg.eval_images)[:, :4].sum(1)
+    return evaluate(model, data, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1)
+
+
 PER_T = np.linspace(0, 1, 11)  # t in {0, 0.1, ..., 1} [code: evaluator.py, --per-t-step=0.1]
 
 
@@ -1693,19 +1888,28 @@ def run_eval(ckpt_paths, args):
         ckpt = load_checkpoint(path)
         cfg = Config(**ckpt["config"])
         data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
+        if cfg.model == "em" and (args.T or args.per_t or args.sigma_p == "optimal"):
+            raise DiffEncError(f"{path} is a --model em checkpoint, evaluated by its bound D + R "
+                               f"in continuous time; drop --T, --per-t and --sigma-p")
         model = model_from_checkpoint(ckpt, pick_device(), T=args.T)
         batch_size, seed = args.batch_size or cfg.batch_size, args.seed or 0
         run = lambda t=None, ratio=None: evaluate(model, data, batch_size, seed,
                                                   args.eval_images or 0, args.eval_samples, t,
                                                   ratio)
-        bpd = run()                                                      # (N, 3)
-        total = bpd.sum(1)                                               # (N,)
-        loss = f"{model.cfg.T}-step" if model.cfg.T else "continuous-time"
-        print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over "
-              f"{len(total)} images of the {cfg.dataset} test split; {loss} ELBO, EMA weights, "
-              f"step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
-        for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
-            print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
+        if cfg.model == "em":
+            bpd = evaluate_em(model, data, batch_size, seed, args.eval_images or 0,
+                              args.eval_samples, args.latent_steps)              # (N, 5)
+            total = report_em_bound(path, ckpt, bpd, args)
+            plot_em_log(path)
+        else:
+            bpd = run()                                                          # (N, 3)
+            total = bpd.sum(1)                                                   # (N,)
+            loss = f"{model.cfg.T}-step" if model.cfg.T else "continuous-time"
+            print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over "
+                  f"{len(total)} images of the {cfg.dataset} test split; {loss} ELBO, EMA "
+                  f"weights, step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
+            for name, col in zip(("diffusion", "latent", "recon"), bpd.T):
+                print(f"  {name:9s} {col.mean():.5f} ± {se(col):.5f}")
         totals.append(total)
         if len(totals) > 1 and len(total) == len(totals[0]):
             d = total - totals[0]
@@ -1749,6 +1953,49 @@ def run_eval(ckpt_paths, args):
     return curves
 
 
+def report_em_bound(path, ckpt, bpd, args):
+    """Print --model em's bound D + R, its parts and D_prior - D, each with its standard error
+    over images; returns D + R per image (N,) for the pairing with other checkpoints."""
+    cfg, se = Config(**ckpt["config"]), std_err
+    D, R, d_prior = bpd[:, :3].sum(1), bpd[:, 3], bpd[:, 4]
+    total, carried = D + R, d_prior - D
+    S = args.latent_steps or cfg.latent_steps
+    print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} = D + R, an upper bound on "
+          f"-log2 p(x) / dim (standard error over {len(total)} images of the {cfg.dataset} test "
+          f"split; z from the encoder's {S}-step deterministic sampler with exact log q, EMA "
+          f"weights, step {ckpt['step']})")
+    for name, col in (("D", D), ("  diffusion", bpd[:, 0]), ("  latent", bpd[:, 1]),
+                      ("  recon", bpd[:, 2]), ("R", R), ("D_prior - D", carried)):
+        print(f"  {name:11s} {col.mean():.5f} ± {se(col):.5f}")
+    print(f"  (D_prior: the decoder's -ELBO with z ~ N(0, I), {d_prior.mean():.4f}; D_prior - D "
+          f"is what the latent tells the decoder, near 0 if the posterior collapsed)")
+    return total
+
+
+def plot_em_log(ckpt_path):
+    """The training curves of a --model em run, from the log.csv beside its checkpoint (if there
+    is one): the decoder's bpd, the encoder's -log q bound and the E-step's Delta U against the
+    step, one SVG each: whether encoder and decoder are in step."""
+    path = os.path.join(os.path.dirname(ckpt_path) or ".", "log.csv")
+    if not os.path.exists(path):
+        return
+    columns = ("step", "bpd") + LOG_COLUMNS["em"] + ("lr",)
+    rows = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)          # (rows, len(columns))
+    if len(rows) < 2:
+        return
+    step, col = rows[:, 0], lambda name: rows[:, columns.index(name)]
+    prefix = path[:-len("log.csv")] + "em_log"
+    svg_plot(f"{prefix}_bpd.svg", step, [(col("bpd"), "black", None, False)], "step",
+             "decoder bpd (training batches)")
+    svg_plot(f"{prefix}_enc.svg", step, [(col("enc_nll"), "#1f77b4", None, False)], "step",
+             "encoder: -log q(z_K | x) bound, nats/dim")
+    svg_plot(f"{prefix}_dU.svg", step, [(col("delta_U"), "#d62728", None, False),
+                                        (0 * step, "gray", None, True)], "step",
+             "E-step: Delta U (nats)")
+    print(f"  wrote {prefix}_bpd.svg, {prefix}_enc.svg, {prefix}_dU.svg: the run's training "
+          f"curves from {path}")
+
+
 def report_optimal_variances(model, bpd, run, path, args):
     """--eval --T T --sigma-p optimal: estimate sigma_P* per step on the training split, evaluate
     the T-step ELBO with it on the same test images, t and eps as `bpd` (sigma_P = sigma_Q), print
@@ -1785,6 +2032,9 @@ def run_tune_schedule(ckpt_path, args):
     if not args.T:
         raise DiffEncError("--tune-schedule tunes the schedule for T-step inference; give --T, "
                            "e.g. --T 10")
+    if cfg.model == "em":
+        raise DiffEncError(f"{ckpt_path} is a --model em checkpoint, which has no T-step loss to "
+                           f"tune; --tune-schedule takes diffenc checkpoints")
     device, seed, batch_size = pick_device(), args.seed or 0, args.batch_size or cfg.batch_size
     train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
     test = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
@@ -1820,6 +2070,11 @@ def run_sample(ckpt_path, args):
     cfg = Config(**ckpt["config"])
     T = args.T or args.sample_steps or cfg.T or cfg.sample_steps
     model = model_from_checkpoint(ckpt, pick_device(), T=T)
+    if cfg.model == "em":
+        if args.sigma_p == "optimal":
+            raise DiffEncError(f"{ckpt_path} is a --model em checkpoint; its sampler uses "
+                               f"sigma_P = sigma_Q: drop --sigma-p optimal")
+        return sample_em(model, ckpt, ckpt_path, T, args)
     ratio = None
     if args.sigma_p == "optimal":
         train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
@@ -1838,6 +2093,30 @@ def run_sample(ckpt_path, args):
     print(f"wrote {args.n_samples} samples ({T} steps) to {path}, and x_hat at t = "
           f"{', '.join(map(str, SAMPLE_TS))} then the sample for {n} of them to {process}")
     return x, kept
+
+
+def sample_em(model, ckpt, ckpt_path, T, args):
+    """--sample on a --model em checkpoint: n generations (z ~ N(0, I), then the decoder's T-step
+    sampler), and n test images beside their reconstructions (z ~ q_phi(z | x), ancestral, then
+    the same sampler), as two PNG grids beside CKPT."""
+    cfg, n, seed = model.cfg, args.n_samples, args.seed or 0
+    p, d = next(model.parameters()), cfg.latent_dim
+    g = rng(seed, RNG["latent_sample"])
+    normal = lambda: torch.randn((n, d), generator=g, dtype=p.dtype).to(p.device)
+    generated, _ = sample(model, n, T, seed, cond=normal())                # (n, C, H, W) uint8
+    test = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")[:n]
+    with torch.no_grad():
+        denoise = model.latent_enc.denoiser(scale_pixels(test.to(p.device), p.dtype))
+        z = latent_sample(denoise, normal(), cfg.latent_steps, normal)     # (n, d) ~ q_phi(z | x)
+    recon, _ = sample(model, len(test), T, seed, cond=z)
+    prefix = os.path.join(os.path.dirname(ckpt_path) or ".", f"em_step{ckpt['step']}_T{T}")
+    write_png(f"{prefix}_samples.png", image_grid(generated, math.ceil(math.sqrt(n))))
+    pairs = torch.stack([test, recon], 1).flatten(0, 1)                    # (2n, C, H, W)
+    write_png(f"{prefix}_recon.png", image_grid(pairs, 2 * math.ceil(math.sqrt(len(test) / 2))))
+    print(f"wrote {n} generations (z ~ N(0, I), {T} steps) to {prefix}_samples.png, and "
+          f"{len(test)} test images each beside its reconstruction (z ~ q(z | x)) to "
+          f"{prefix}_recon.png")
+    return generated, recon
 
 
 # Figures, with numpy and the standard library alone: images and signed maps as PNG grids
@@ -2254,6 +2533,8 @@ def main(argv=None):
         else:
             cfg = config_from_args(args, args.bench)
             validate(cfg)
+            if cfg.model == "em":
+                raise DiffEncError("--bench times the VDM and DiffEnc steps; drop --model em")
             bench(cfg)
     except DiffEncError as e:
         print(f"diffenc: {e}", file=sys.stderr)

@@ -1175,7 +1175,7 @@ class GaussianDenoiser(torch.nn.Module):
         super().__init__()
         self.m, self.s, self.encoder = m, s, encoder
 
-    def forward(self, z, gamma):
+    def forward(self, z, gamma, cond=None):  # cond: --model em's latent, unused
         g = gamma.view(-1, 1, 1, 1)
         alpha, sigma = de.alpha_sigma(g)
         a = torch.sigmoid(-g) if self.encoder == "fixed" else torch.ones_like(g)  # x_phi = a x
@@ -1464,7 +1464,8 @@ def test_the_latent_denoising_loss_is_the_latents_negative_log_likelihood_bound(
     t, eps = torch.rand(n, generator=gen), torch.randn(n, 2, generator=gen)
     denoise = gaussian_denoiser(m, Sigma)
     loss = de.latent_denoising_loss(denoise, z_0, t, eps)
-    recon = 0.5 * 2 * (math.log(2 * math.pi) + de.LATENT_GAMMA[0] + 1)
+    recon = 2 * de.LATENT_RECON              # d (log 2 pi + gamma_0 + 1) / 2, for d = 2
+    assert recon == pytest.approx(math.log(2 * math.pi) + de.LATENT_GAMMA[0] + 1, rel=1e-15)
     entropy = torch.distributions.MultivariateNormal(m, Sigma).entropy()
     assert abs(loss.mean() + recon - entropy) < 4 * loss.std() / math.sqrt(n)
     worse = de.latent_denoising_loss(lambda z, g: 1.1 * denoise(z, g), z_0, t, eps)
@@ -1499,6 +1500,267 @@ def test_the_bound_is_tight_at_the_posterior_and_looser_away_from_it():
     assert parts[0.5][0] < parts[1.0][0] < parts[2.0][0]      # D
 
 
+# --model em: the pieces above with the networks
+
+def em_model(image=(1, 8, 8), **kw):
+    """A small --model em decoder (VDM, NET) with its latent encoder; d = 3 unless given."""
+    cfg = de.Config(**{**NET, **dict(encoder="none", model="em", latent_dim=3, latent_width=8,
+                                     latent_steps=3, langevin_steps=3, dropout=0.0), **kw})
+    torch.manual_seed(0)
+    return de.DiffEnc(cfg, image)
+
+
+class GaussianDecoderScore(torch.nn.Module):
+    """The exact eps-prediction for data x ~ N(W z + b, s2 I) given the latent z (cond):
+    x_hat = E[x | z_t] = mu + alpha s2 / (alpha^2 s2 + sigma^2) (z_t - alpha mu), mu = W z + b."""
+
+    def __init__(self, W, b, s2, shape):
+        super().__init__()
+        self.W, self.b, self.s2, self.shape = W, b, s2, shape
+
+    def forward(self, z_t, gamma, cond):
+        alpha, sigma = de.alpha_sigma(gamma[:, None, None, None])
+        mu = (cond @ self.W.T + self.b).view(-1, *self.shape)
+        x_hat = mu + alpha * self.s2 / (alpha ** 2 * self.s2 + sigma ** 2) * (z_t - alpha * mu)
+        return (z_t - alpha * x_hat) / sigma
+
+
+def test_decoder_pressure_through_the_real_forward_is_the_tempered_gaussian_pull():
+    """[Diffusion Encoder: decoder pressure] With p(x | z) = N(W z + b, s^2 I) and the score
+    network replaced by its exact denoiser, the E-step's energy built from the real decoder
+    (posterior_energy of decoder_nll: DiffEnc._continuous, predict, the scaled error) has
+    E_{t,eps} grad_z U = z + c(s) W^T (W z + b - x) / (beta s^2), c(s) = 1 / (1 + s^2 e^-gamma_max)
+    - 1 / (1 + s^2 e^-gamma_min) (0.99798 for s^2 = 0.3): to 1e-10, with E_t by 200-point
+    Gauss-Legendre and eps in antithetic pairs (the cross term, linear in eps, cancels exactly;
+    the eps^2 term does not depend on z). beta = 2 checks that the pressure is divided by beta."""
+    model = em_model(image=(1, 2, 2), param="eps", latent_dim=2).eval()
+    gen, s2, beta = seeded(0), 0.3, 2.0
+    W, b = torch.randn(4, 2, generator=gen), torch.randn(4, generator=gen)
+    model.score = GaussianDecoderScore(W, b, s2, (1, 2, 2))
+    x, z = torch.randn(1, 1, 2, 2, generator=gen), torch.randn(2, generator=gen)
+    nodes, weights = np.polynomial.legendre.leggauss(200)
+    eps = torch.randn(3, 1, 2, 2, generator=gen)
+    eps = torch.cat([eps, -eps]).repeat_interleave(200, 0)                # (1200, 1, 2, 2)
+    t = torch.tensor((nodes + 1) / 2).repeat(6)                           # (1200,)
+    w = torch.tensor(weights / 2).repeat(6) / 6                           # sums to 1
+    U = de.posterior_energy(de.decoder_nll(model, x.expand(1200, 1, 2, 2), t, eps), beta=beta)
+    z = z.requires_grad_(True)
+    grad, = torch.autograd.grad((w * U(z.expand(1200, 2))).sum(), z)
+    cfg = model.cfg
+    c = 1 / (1 + s2 * math.exp(-cfg.gamma_max)) - 1 / (1 + s2 * math.exp(-cfg.gamma_min))
+    pull = c * W.T @ (W @ z.detach() + b - x.flatten()) / (beta * s2)
+    assert torch.allclose(grad, z.detach() + pull, rtol=0, atol=1e-10)
+    assert pull.abs().min() > 0.1 and abs(c - 0.99798) < 1e-5
+
+
+def test_em_on_probabilistic_pca_climbs_to_the_closed_form_mle():
+    """[Diffusion Encoder: EM; Tipping & Bishop 1999] EM with the mode's E-step (ULA on
+    posterior_energy of the decoder's exact nll, 50 persistent chains per point) and the
+    decoder's M-step (maximum likelihood of x given the chains' z: least squares for W, b, the
+    mean squared residual for s^2), on 200 points of a 1-factor model in 4 dimensions:
+    - from W = 0.5: the log-likelihood never falls by more than 0.1 nats (Monte Carlo noise), rises
+      by over 800, and ends within 1 nat of the closed-form maximum (sigma^2 = the mean of the
+      discarded eigenvalues, |W|^2 = the top one minus sigma^2); it would take exact EM about 30
+      iterations to get that close, this takes 15 (ULA's bias, eta P / 2, is what remains);
+    - at the MLE, one iteration from exact posterior draws leaves |W| and s^2 within 1 %: it is a
+      fixed point;
+    - from W = 0 the decoder exerts no pressure, the chains stay prior draws that know nothing of
+      x, and W stays at Monte Carlo noise (< 0.05): W = 0 is a fixed point too, which is why the
+      real decoder's z-projection is not zero-initialised."""
+    gen, D, N, M = seeded(5), 4, 200, 50
+    W_true, b_true = torch.tensor([[2.0], [1.0], [-1.0], [0.5]]), torch.tensor([0.5, -1, 0, 2])
+    x = (torch.randn(N, 1, generator=gen) @ W_true.T + b_true
+         + 0.5 * torch.randn(N, D, generator=gen))                          # (N, D), s^2 = 0.25
+    S = torch.cov(x.T, correction=0)
+    lam, U = torch.linalg.eigh(S)                                          # ascending
+    s2_ml, x_mean = lam[:-1].mean(), x.mean(0)
+    W_ml = U[:, -1:] * (lam[-1] - s2_ml).sqrt()
+    log_lik = lambda W, b, s2: torch.distributions.MultivariateNormal(
+        b, W @ W.T + s2 * torch.eye(D)).log_prob(x).sum()
+    noise = lambda: torch.randn(N, M, 1, generator=gen)
+    X = x[:, None].expand(N, M, D).reshape(-1, D)                          # (N M, D)
+
+    def em_iteration(z, W, b, s2, eta, K):
+        nll = lambda z: (x[:, None] - z @ W.T - b).square().sum(-1) / (2 * s2)  # (N, M)
+        z, _ = de.e_step(z, de.posterior_energy(nll), eta, K, noise)           # (N, M, 1)
+        Z = torch.cat([z.reshape(-1, 1), torch.ones(N * M, 1)], 1)             # (N M, 2)
+        coef = torch.linalg.lstsq(Z, X).solution                               # (2, D)
+        return z, coef[:1].T, coef[1], (X - Z @ coef).square().mean()
+
+    W, b, s2, z = torch.full((D, 1), 0.5), torch.zeros(D), torch.tensor(1.0), torch.zeros(N, M, 1)
+    lls = [log_lik(W, b, s2)]
+    for _ in range(15):
+        z, W, b, s2 = em_iteration(z, W, b, s2, 0.01, 10)
+        lls.append(log_lik(W, b, s2))
+    lls, ll_ml = torch.stack(lls), log_lik(W_ml, x_mean, s2_ml)
+    assert (lls.diff() > -0.1).all() and lls[-1] - lls[0] > 800
+    assert 0 <= ll_ml - lls[-1] < 1.0
+    P = 1 + (W_ml.T @ W_ml) / s2_ml                                        # posterior precision
+    z = ((x - x_mean) @ W_ml / s2_ml / P)[:, None] + noise() / P.sqrt()
+    _, W, _, s2 = em_iteration(z, W_ml, x_mean, s2_ml, 0.001, 100)
+    assert abs(W.norm() / W_ml.norm() - 1) < 0.01 and abs(s2 / s2_ml - 1) < 0.01
+    W, b, s2, z = torch.zeros(D, 1), x_mean, s2_ml, torch.zeros(N, M, 1)
+    for _ in range(2):
+        z, W, b, s2 = em_iteration(z, W, b, s2, 0.01, 10)
+        assert W.norm() < 0.05
+
+
+def test_a_decoder_blind_to_z_is_a_fixed_point_and_the_real_decoder_is_not_blind():
+    """[Diffusion Encoder: the decoder's z-projection] The real decoder after three EM training
+    steps from its initialisation feels z: grad_z L_diff is non-zero for every image. (Before, it
+    cannot: as in VDM, the score network's output conv, each ResBlock's last conv and the
+    time-embedding projections that z joins start at zero, and each step moves the next of them
+    off zero.) With its z-projection's last layer zeroed, grad_z L_diff is exactly 0, and the
+    E-step's chains for two different images are identical (same noise): the posterior is
+    the prior, z carries nothing about x, and the M-step has nothing to fit."""
+    model = em_model(warmup=1)
+    x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(1))
+    t, eps, eps_0 = (a.double() for a in de.draw_noise(0, 0, 4, (1, 8, 8)))
+    opt, ema = de.make_optimizer(model, model.cfg, torch.device("cpu")), copy.deepcopy(model)
+    for step in range(3):
+        de.train_step(model, model, ema, opt, model.cfg, step, (x_int, t, eps, eps_0), 1)
+    x, z = de.scale_pixels(x_int), torch.randn(4, 3, generator=seeded(2)).requires_grad_(True)
+    pressure = lambda: torch.autograd.grad(de.decoder_nll(model.eval(), x, t, eps)(z).sum(), z)[0]
+    assert (pressure().norm(dim=1) > 0).all()
+    torch.nn.init.zeros_(model.score.zemb[-1].weight)
+    torch.nn.init.zeros_(model.score.zemb[-1].bias)
+    assert torch.equal(pressure(), torch.zeros_like(z))
+    denoise = model.latent_enc.denoiser(x)
+    chains = []
+    for image in (x, x.flip(0)):
+        gen = seeded(3)
+        times = lambda: torch.rand(4, generator=gen)
+        normal = lambda *shape: torch.randn(shape, generator=gen)
+        chains.append(de.em_e_step(model, image, z.detach(), denoise, times, normal)[0])
+    assert torch.equal(*chains) and not torch.equal(chains[0], z.detach())
+
+
+def test_the_latent_encoder_learns_the_posterior_from_its_samples_and_not_from_its_own():
+    """[Diffusion Encoder: encoder M-step] The LatentEncoder network, trained by
+    latent_denoising_loss for 200 Adam steps on exact posterior draws of a linear-Gaussian decoder
+    (x a 4x4 image, d = 2, fresh x each step), draws z ~ q_phi(z | x) (ancestral, S = 50) for 1,000
+    new images whose errors z - E[z | x] have mean within 0.15 of 0 and covariance within 0.06 of
+    the posterior's (entries 0.06 to 0.26). Trained on its own draws instead (the E-step switched
+    off, K = 0), it does not: its mean squared error is over 3 times the posterior's variance."""
+    gen, d, s2, B = seeded(7), 2, 0.5, 512
+    W, b = 0.3 * torch.randn(16, d, generator=gen), 0.2 * torch.randn(16, generator=gen)
+    cov = torch.linalg.inv(torch.eye(d) + W.T @ W / s2)                     # posterior's
+    post_mean = lambda x: (x.flatten(1) - b) @ W @ cov / s2                  # (n, d)
+    normal = lambda n: (lambda: torch.randn(n, d, generator=gen))
+
+    def images(n):                                                       # x ~ p(x), (n, 1, 4, 4)
+        z = torch.randn(n, d, generator=gen)
+        return (z @ W.T + b + math.sqrt(s2) * torch.randn(n, 16, generator=gen)).view(n, 1, 4, 4)
+
+    x_test, errors = images(1000), {}
+    for e_step in (True, False):
+        torch.manual_seed(0)
+        enc = em_model(image=(1, 4, 4), latent_dim=d, latent_width=32).latent_enc
+        opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+        for _ in range(200):
+            x = images(B)
+            if e_step:  # what a perfect E-step returns: draws of the posterior
+                z = post_mean(x) + normal(B)() @ torch.linalg.cholesky(cov).T
+            else:       # the encoder's own proposals, which an E-step with K = 0 passes on
+                with torch.no_grad():
+                    z = de.latent_sample(enc.denoiser(x), normal(B)(), 4, normal(B))
+            t, eps = torch.rand(B, generator=gen), normal(B)()
+            loss = de.latent_denoising_loss(enc.denoiser(x), z, t, eps).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            z = de.latent_sample(enc.denoiser(x_test), normal(1000)(), 50, normal(1000))
+        errors[e_step] = z - post_mean(x_test)                                 # (1000, d)
+    assert (errors[True].mean(0).abs() < 0.15).all()
+    assert (torch.cov(errors[True].T) - cov).abs().max() < 0.06
+    assert errors[False].square().sum(1).mean() > 3 * cov.trace()
+
+
+def test_the_e_step_moves_only_z_and_each_m_step_only_its_own_network():
+    """[Diffusion Encoder: the EM iteration] em_losses (beta = 2, lambda = 0.25) leaves every
+    weight as it was and no gradient behind (the E-step differentiates by z alone), runs the
+    decoder in eval mode in the E-step (no dropout), with the configured beta and lambda, and
+    hands it back in training mode; both M-steps get the E-step's z_K; the decoder's loss reaches no
+    latent-encoder weight and the encoder's loss no decoder weight, while each reaches its own
+    (non-zero gradients), and the E-step lowered U on this batch (Delta U < 0). A chain that
+    cannot move (eta = 1e-300) reports Delta U = 0 exactly: U(z_K) reuses U(z_0)'s draw."""
+    model = randomize(em_model(dropout=0.1, langevin_steps=5, langevin_eta=0.001, beta=2.0,
+                               lam=0.25)).train()
+    randomize(model.latent_enc.mlp)
+    x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(1))
+    t, eps, eps_0 = (a.double() for a in de.draw_noise(0, 0, 4, (1, 8, 8)))
+    before = copy.deepcopy(model.state_dict())
+    modes, nll, e_step, latent_loss, forward = [], de.decoder_nll, de.e_step, \
+        de.latent_denoising_loss, de.DiffEnc.forward
+    de.decoder_nll = lambda model, *a: modes.append(model.training) or nll(model, *a)
+    energy = de.posterior_energy
+    de.posterior_energy = lambda nll, beta, lam, log_q: seen.setdefault("beta, lam", (
+        beta, lam)) and energy(nll, beta, lam, log_q)
+    seen = {}  # the E-step's z_K, and the latents that the two M-steps were given
+    de.e_step = lambda *a: seen.setdefault("z_K", e_step(*a))
+    de.latent_denoising_loss = lambda f, z, *a: seen.update(enc=z) or latent_loss(f, z, *a)
+    de.DiffEnc.forward = lambda self, *a, cond: seen.setdefault("dec", cond) is cond and forward(
+        self, *a, cond=cond)
+    try:
+        decoder_loss, encoder_loss, report = de.em_losses(model, x_int, t, eps, eps_0, seeded(2))
+    finally:
+        de.decoder_nll, de.e_step, de.latent_denoising_loss = nll, e_step, latent_loss
+        de.posterior_energy = energy
+        de.DiffEnc.forward = forward
+    assert seen["dec"] is seen["z_K"][0] and seen["enc"] is seen["z_K"][0]
+    assert seen["beta, lam"] == (2.0, 0.25)
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert modes == [False] * 6                                         # K + 1 energies, eval
+    enc = list(model.latent_enc.parameters())
+    dec = [p for name, p in model.named_parameters()
+           if p.requires_grad and not name.startswith("latent_enc.")]
+    for loss, own, other in ((decoder_loss, dec, enc), (encoder_loss, enc, dec)):
+        grads = torch.autograd.grad(loss, own + other, allow_unused=True, retain_graph=True)
+        assert all(g is None for g in grads[len(own):])
+        assert sum(g.abs().sum() for g in grads[:len(own)] if g is not None) > 0
+    assert report[4] < 0
+    # Delta U compares z_K and z_0 on the same draw: a chain that cannot move has Delta U = 0
+    gen, x = seeded(5), de.scale_pixels(x_int)
+    times, normal = lambda: torch.rand(4, generator=gen), lambda *s: torch.randn(s, generator=gen)
+    frozen = copy.deepcopy(model).eval()
+    frozen.cfg = dataclasses.replace(model.cfg, langevin_eta=1e-300)
+    z_0 = torch.randn(4, 3, generator=gen)
+    z_K, delta_U = de.em_e_step(frozen, x, z_0, frozen.latent_enc.denoiser(x), times, normal)
+    assert torch.equal(z_K, z_0) and torch.equal(delta_U, torch.zeros(4))
+
+
+def test_at_init_the_latent_encoder_is_the_prior_and_the_bound_knows_its_rate_exactly():
+    """[Diffusion Encoder: the initial encoder and the bound's R] At init the latent encoder's
+    denoiser is sigma_t z_t exactly, the exact denoiser of N(0, I): q_phi(z | x) is the prior (for
+    every x), and each deterministic step scales z by alpha_s alpha_t + sigma_s sigma_t, so
+    z = c z_1 with c their product and R = log q - log p = -d log c - |z_1|^2 (1 - c^2) / 2 per
+    image. evaluate_em's R column is that, to 1e-10, for the z_1 it draws per image. With the
+    decoder's z-projection zeroed, D_prior - D is 0 (to rounding: the two sums are taken in
+    another order): a decoder blind to z gets nothing from the latent; with the real one it is
+    not 0."""
+    model = em_model().eval()
+    randomize(model.score)                           # a decoder that uses z; the encoder at init
+    d, S = model.cfg.latent_dim, model.cfg.latent_steps
+    gammas = de.latent_grid(S, torch.zeros(1))
+    z_t, g = torch.randn(5, d, generator=seeded(0)), gammas[2].expand(5)
+    denoise = model.latent_enc.denoiser(torch.zeros(5, 1, 8, 8))
+    assert torch.equal(denoise(z_t, g), de.alpha_sigma(g[:, None])[1] * z_t)
+    alpha, sigma = de.alpha_sigma(gammas)
+    c = (alpha[:-1] * alpha[1:] + sigma[:-1] * sigma[1:]).prod()
+    data = torch.randint(0, 256, (6, 1, 8, 8), generator=seeded(1), dtype=torch.uint8)
+    bpd = de.evaluate_em(model, data, 4, seed=3)                                   # (6, 5)
+    z_1 = de.indexed_normal(torch.arange(6), (d,), 2, 3, 0, de.RNG["latent_eval"])[0]
+    rate = -d * torch.log(c) - 0.5 * z_1.square().sum(1) * (1 - c ** 2)       # nats
+    assert torch.allclose(bpd[:, 3], de.bits_per_dim([rate], (1, 8, 8)), rtol=0, atol=1e-10)
+    assert ((bpd[:, 4] - bpd[:, :3].sum(1)).abs() > 1e-6).all()
+    torch.nn.init.zeros_(model.score.zemb[-1].weight)
+    torch.nn.init.zeros_(model.score.zemb[-1].bias)
+    bpd = de.evaluate_em(model, data, 4, seed=3)
+    assert torch.allclose(bpd[:, 4], bpd[:, :3].sum(1), rtol=1e-14, atol=0)
+
+
 # ------------------------------------------------------------------------------- 9. configuration
 
 
@@ -1506,7 +1768,8 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine",
     gamma_min=-1e6, gamma_max=31.0, T=-1, size="huge", n_embd=0, n_layer=0, norm_groups=0,
     enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5, enc_dropout=-0.1,
-    steps=0,
+    model="vae", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
+    langevin_eta=0.0, beta=0.0, lam=1.0, steps=0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, ema=1.0, seed=-1, out="",
     resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0, skip_nonfinite=1,
     sample_steps=0, amp="no", compile=None)
@@ -2164,6 +2427,54 @@ def main_error(capsys, *argv):
     with pytest.raises(SystemExit) as e:
         de.main([str(a) for a in argv])
     return e.value.code, capsys.readouterr().err
+
+
+def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path, capsys,
+                                                                       float32):
+    """[Diffusion Encoder: the mode] --model em end to end on the synthetic set: 4 steps straight,
+    and 2 steps then --resume to 4, give the same log.csv (with the encoder's loss and Delta U
+    columns) and the same weights, EMA and optimiser state, bit for bit; --eval prints the bound
+    D + R with D, R and D_prior - D, each with a standard error, and pairs it with a VDM
+    checkpoint, and plots the run's log (bpd, encoder loss, Delta U); --sample writes the
+    generation and reconstruction grids. Combinations the mode
+    does not support are refused with one line and exit code 2."""
+    em = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
+                                       latent_width=8, latent_steps=3, langevin_steps=2, **kw)
+    straight, resumed, vdm = tmp_path / "straight", tmp_path / "resumed", tmp_path / "vdm"
+    de.train(em(straight, steps=4))
+    de.train(em(resumed, steps=2))
+    de.train(em(resumed, steps=4, resume=True))
+    assert (straight / "log.csv").read_text() == (resumed / "log.csv").read_text()
+    header, *rows = (straight / "log.csv").read_text().splitlines()
+    assert header == "step,bpd,diffusion,latent,recon,enc_nll,delta_U,lr" and len(rows) == 4
+    a, b = (de.load_checkpoint(str(d / "latest.pt")) for d in (straight, resumed))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert all(torch.equal(a["opt"]["state"][i][k], b["opt"]["state"][i][k])
+               for i in a["opt"]["state"] for k in a["opt"]["state"][i])
+    de.train(tiny_config(vdm, steps=1, encoder="none"))
+    capsys.readouterr()
+    de.main(["--eval", str(straight / "latest.pt"), str(vdm / "latest.pt"), "--batch-size", "8"])
+    out = capsys.readouterr().out
+    for words in ("= D + R, an upper bound", "D_prior - D", "minus", "recon", "em_log_dU.svg"):
+        assert words in out, out
+    assert (straight / "em_log_dU.svg").read_text().startswith("<svg")
+    assert all(" ± " in line for line in out.splitlines() if line.strip()[:1] in ("D", "R"))
+    de.main(["--sample", str(straight / "latest.pt"), "--n-samples", "4", "--sample-steps", "3"])
+    for grid in ("samples", "recon"):
+        assert (straight / f"em_step4_T3_{grid}.png").read_bytes()[:4] == b"\x89PNG"
+    ckpt = straight / "latest.pt"
+    for argv, words in (
+            (["--train", "synthetic", *TINY, "--model", "em", "--T", 5], "drop --T 5"),
+            (["--train", "synthetic", *TINY, "--model", "em", "--compile"], "drop --compile"),
+            (["--bench", "synthetic", "--model", "em"], "drop --model em"),
+            (["--eval", ckpt, "--per-t"], "drop --T, --per-t"),
+            (["--tune-schedule", ckpt, "--T", 4], "--model em checkpoint"),
+            (["--sample", ckpt, "--sigma-p", "optimal"], "drop --sigma-p optimal"),
+            (["--train", "synthetic", *TINY, "--model", "em", "--latent-dim", 65], "--latent-dim"),
+            (["--train", "synthetic", *TINY, "--model", "em", "--lam", 1], "--lam must be")):
+        code, err = main_error(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
 
 
 def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monkeypatch, capsys,
