@@ -32,6 +32,7 @@ How to run (every flag is a field of Config, section 9; `--help` lists them):
     python diffenc.py --eval A/latest.pt B/latest.pt --per-t # loss per t, paired
     python diffenc.py --eval A/latest.pt --T 10 --sigma-p optimal  # finite depth (section 7)
     python diffenc.py --bench --size tiny                    # seconds per step, memory, ratios
+    python diffenc.py --train mnist --model em --size tiny   # the Diffusion Encoder (section 8)
     torchrun --nproc_per_node=4 diffenc.py --train cifar10   # data-parallel on 4 GPUs
     pytest -q                                                # the theory, checked numerically
 
@@ -43,14 +44,16 @@ Sections. The method, in the order in which the paper builds it (read these to l
     5. The model and the ELBO  DiffEnc.forward: recon + prior + diffusion, in bits per dimension
     6. Sampling                the ancestral sampler, which never calls the encoder
     7. Finite depth            optimal sigma_P per step; a schedule tuned for T-step inference
-    8. The Diffusion Encoder   a latent diffusion encoder trained by EM: E-step (Langevin), latent
-                               sampler, exact log q, D + R bound (the pieces; no training mode yet)
+    8. The Diffusion Encoder   a latent diffusion encoder trained by EM (--model em): E-step
+                               (Langevin), latent sampler, exact log q, M-steps, the D + R bound
 The machinery (read these to train):
     9. Configuration  10. Data  11. Training  12. Evaluation, sampling and figures
     13. Benchmark (optional)  14. Command line
 Where things are: the encoder's derivative term dx_phi/dlambda is `encoder_mean` (its formula)
 and `DiffEnc.encode` (the network's dy/dgamma by forward-mode AD); the loss that uses it is
 `diffusion_loss_continuous`; the bound is `DiffEnc.forward` (its three terms) and `bits_per_dim`.
+The Diffusion Encoder's EM iteration is `em_losses` (E-step `em_e_step`, M-steps after it); its
+bound D + R is `distortion_rate` with `latent_log_q`, evaluated by `evaluate_em`.
 """
 
 import argparse
@@ -2459,7 +2462,8 @@ def bench(cfg, rounds=10, warmup=2, sample_batch=16):
 # argparse is generated from Config: every field is a flag (--n-embd, --encoder, ...). The value
 # of a setting is: the Config default, overridden by the --size preset, overridden by the flags
 # given. Modes: --train DATASET | --eval CKPT [CKPT ...] | --sample CKPT | --inspect CKPT |
-# --tune-schedule CKPT | --bench [DATASET].
+# --tune-schedule CKPT | --bench [DATASET]. --model em (section 8) trains, evaluates and samples
+# the Diffusion Encoder's autoencoder through the same modes.
 # -------------------------------------------------------------------------------------------------
 
 def build_parser():
