@@ -1717,13 +1717,15 @@ def train(cfg):
             torch.manual_seed(int(rng(cfg.seed, step, rank, RNG["dropout"]).initial_seed()))
             report = train_step(net, model, ema, opt, cfg, step, (x.to(device), t, eps, eps_0),
                                 world)
-            if torch.isfinite(report).all():                   # report: (3,) bpd
+            # an unstable E-step (Langevin's step too large) makes the em report non-finite too
+            lower = "--lr or --langevin-eta" if cfg.model == "em" else "--lr"
+            if torch.isfinite(report).all():                   # report: (n_report,)
                 window, n_window, skipped = window + report.double(), n_window + 1, 0
             elif not cfg.skip_nonfinite:
                 then = ", then --resume" if saved is not None else ", then run again"
                 raise SystemExit(f"diffenc: non-finite loss ({report.sum().item()}) at step "
                                  f"{step + 1}; the weights were not changed and {holds()}. Lower "
-                                 f"--lr, set --clip 1, or add --skip-nonfinite{then}")
+                                 f"{lower}, set --clip 1, or add --skip-nonfinite{then}")
             else:
                 skipped += 1
                 print(f"diffenc: non-finite loss at step {step + 1}; batch skipped "
@@ -1731,7 +1733,7 @@ def train(cfg):
                 if skipped == MAX_SKIPPED:
                     raise SystemExit(f"diffenc: {skipped} non-finite losses in a row up to step "
                                      f"{step + 1}: the run does not recover; {holds()}. Lower "
-                                     f"--lr or set --clip 1")
+                                     f"{lower} or set --clip 1")
             step += 1
             if world > 1:  # every rank stops at the same step when any got a signal
                 flag = torch.tensor([float(bool(stop))], device=device)

@@ -2477,6 +2477,18 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
 
 
+def test_an_unstable_e_step_stops_before_touching_the_weights_and_names_the_step_size(tmp_path,
+                                                                                     float32):
+    """[Diffusion Encoder: NaN handling] A Langevin step far too large (eta = 1e30) sends the
+    E-step's latents to infinity and the report to NaN at the first step: training stops as for a
+    non-finite loss, writes no checkpoint, and the message names --langevin-eta as well as --lr."""
+    cfg = tiny_config(tmp_path / "run", steps=4, model="em", encoder="none", latent_dim=4,
+                      latent_width=8, latent_steps=3, langevin_steps=2, langevin_eta=1e30)
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 1") as e:
+        de.train(cfg)
+    assert "--langevin-eta" in str(e.value.code) and not (tmp_path / "run" / "latest.pt").exists()
+
+
 def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monkeypatch, capsys,
                                                                  float32):
     """[robustness] Each bad input ends with exit code 2 and exactly one line on stderr that says
