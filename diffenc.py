@@ -994,7 +994,8 @@ class LatentEncoder(nn.Module):
     """q_phi(z | x)'s denoiser eps_hat(z_t, gamma_t; h(x)): an MLP on (z_t, the time embedding,
     h(x)), h a conv embedding of the image (three stride-2 3x3 convs, then Dense). The network adds
     sigma_t z_t, the exact denoiser of N(0, I) data, to a zero-initialised last layer: at init q_phi
-    is the prior exactly, and the E-step alone moves the latents toward the posterior."""
+    is the prior (exactly in continuous time; its S-step samplers up to their discretisation), and
+    the E-step alone moves the latents toward the posterior at first."""
 
     def __init__(self, cfg, image_shape):
         super().__init__()
