@@ -1806,30 +1806,42 @@ def format_seconds(s):
 # sampler's grids and the figures of the encoder.
 # -------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None, var_ratio=None):
-    """Per-image (diffusion, latent, recon) in bpd, averaged over `samples` draws: (N, 3) float64.
-    var_ratio (T,): for the T-step loss, sigma_P^2 / sigma_Q^2 of each step instead of 1; the step
-    KL is then d/2 (w - 1 - log w) + w KL_i with w = 1 / ratio (section 4, weighted_step_kl)."""
+def per_image(model, data, batch_size, n_images, samples, columns):
+    """The first n_images (0: all) of data in batches: columns(idx (b,), x (b, C, H, W) uint8,
+    draw k) -> (b, m) nats per image, averaged over the draws k < samples, in bpd: (N, m) float64.
+    """
     p = next(model.parameters())
     N = min(n_images or len(data), len(data))
     rows = []
     for b0 in range(0, N, batch_size):
         idx = torch.arange(b0, min(b0 + batch_size, N))                 # (b,) test-set indices
         x = data[idx].to(p.device)                                      # (b, C, H, W) uint8
-        acc = torch.zeros(len(x), 3, dtype=torch.float64)               # (b, 3)
-        for k in range(samples):
-            noise = eval_noise(seed, idx, model.image_shape, k)
-            t, eps, eps_0 = (a.to(p.device, p.dtype) for a in noise)    # (b,), 2 x (b, C, H, W)
-            t = torch.full_like(t, t_fixed) if t_fixed is not None else t
-            diff, latent, recon = model(x, t, eps, eps_0)              # (b,) each, nats
-            if var_ratio is not None:
-                T = model.cfg.T
-                w = 1 / var_ratio.to(diff)[discrete_step(t, T).long() - 1]  # (b,)
-                diff = T * weighted_step_kl(diff / T, w, math.prod(model.image_shape))
-            acc += torch.stack([diff, latent, recon], 1).double().cpu()
-        rows.append(acc / samples)
+        rows.append(sum(columns(idx, x, k).double().cpu() for k in range(samples)) / samples)
     return bits_per_dim([torch.cat(rows)], model.image_shape)
+
+
+def eval_draw(model, idx, seed, k):
+    """Draw k of evaluation's t (b,), eps and eps_0 (b, C, H, W) for the images idx, on the model's
+    device and in its dtype."""
+    p = next(model.parameters())
+    return (a.to(p.device, p.dtype) for a in eval_noise(seed, idx, model.image_shape, k))
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None, var_ratio=None):
+    """Per-image (diffusion, latent, recon) in bpd, averaged over `samples` draws: (N, 3) float64.
+    var_ratio (T,): for the T-step loss, sigma_P^2 / sigma_Q^2 of each step instead of 1; the step
+    KL is then d/2 (w - 1 - log w) + w KL_i with w = 1 / ratio (section 4, weighted_step_kl)."""
+    def columns(idx, x, k):
+        t, eps, eps_0 = eval_draw(model, idx, seed, k)                  # (b,), 2 x (b, C, H, W)
+        t = torch.full_like(t, t_fixed) if t_fixed is not None else t
+        diff, latent, recon = model(x, t, eps, eps_0)                   # (b,) each, nats
+        if var_ratio is not None:
+            T = model.cfg.T
+            w = 1 / var_ratio.to(diff)[discrete_step(t, T).long() - 1]  # (b,)
+            diff = T * weighted_step_kl(diff / T, w, math.prod(model.image_shape))
+        return torch.stack([diff, latent, recon], 1)
+    return per_image(model, data, batch_size, n_images, samples, columns)
 
 
 @torch.no_grad()
@@ -1840,26 +1852,19 @@ def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
     the decoder's -ELBO with z ~ N(0, I) instead (the bound of q = p(z): R = 0), so D_prior - D is
     what the latent tells the decoder. D and D_prior use evaluate's (t, eps, eps_0) per image, so
     they pair with each other and with any other checkpoint's test bpd."""
-    p, S = next(model.parameters()), S or model.cfg.latent_steps
-    N, d = min(n_images or len(data), len(data)), model.cfg.latent_dim
-    rows = []
-    for b0 in range(0, N, batch_size):
-        idx = torch.arange(b0, min(b0 + batch_size, N))                 # (b,) test-set indices
-        x_int = data[idx].to(p.device)                                  # (b, C, H, W) uint8
-        acc = torch.zeros(len(x_int), 5, dtype=torch.float64)           # (b, 5)
-        for k in range(samples):
-            noise = eval_noise(seed, idx, model.image_shape, k)
-            t, eps, eps_0 = (a.to(p.device, p.dtype) for a in noise)    # (b,), 2 x (b, C, H, W)
-            z_1, z_prior = (a.to(p.device, p.dtype)                     # (b, d) each
-                            for a in indexed_normal(idx, (d,), 2, seed, k, RNG["latent_eval"]))
-            denoise = model.latent_enc.denoiser(scale_pixels(x_int, p.dtype))
-            z, log_q = latent_log_q(denoise, z_1, S)          # torch.func ignores the no_grad
-            terms = model(x_int, t, eps, eps_0, cond=z)                  # D's terms, (b,) each
-            _, rate = distortion_rate(sum(terms), log_q, z)
-            d_prior = sum(model(x_int, t, eps, eps_0, cond=z_prior))
-            acc += torch.stack([*terms, rate, d_prior], 1).double().cpu()
-        rows.append(acc / samples)
-    return bits_per_dim([torch.cat(rows)], model.image_shape)
+    p, S, d = next(model.parameters()), S or model.cfg.latent_steps, model.cfg.latent_dim
+
+    def columns(idx, x_int, k):
+        t, eps, eps_0 = eval_draw(model, idx, seed, k)                  # (b,), 2 x (b, C, H, W)
+        z_1, z_prior = (a.to(p.device, p.dtype)                         # (b, d) each
+                        for a in indexed_normal(idx, (d,), 2, seed, k, RNG["latent_eval"]))
+        denoise = model.latent_enc.denoiser(scale_pixels(x_int, p.dtype))
+        z, log_q = latent_log_q(denoise, z_1, S)              # torch.func ignores the no_grad
+        terms = model(x_int, t, eps, eps_0, cond=z)                      # D's terms, (b,) each
+        _, rate = distortion_rate(sum(terms), log_q, z)
+        d_prior = sum(model(x_int, t, eps, eps_0, cond=z_prior))
+        return torch.stack([*terms, rate, d_prior], 1)
+    return per_image(model, data, batch_size, n_images, samples, columns)
 
 
 def test_bound(model, data, cfg):
