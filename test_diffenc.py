@@ -1560,8 +1560,9 @@ def test_em_on_probabilistic_pca_climbs_to_the_closed_form_mle():
     mean squared residual for s^2), on 200 points of a 1-factor model in 4 dimensions:
     - from W = 0.5: the log-likelihood never falls by more than 0.1 nats (Monte Carlo noise), rises
       by over 800, and ends within 1 nat of the closed-form maximum (sigma^2 = the mean of the
-      discarded eigenvalues, |W|^2 = the top one minus sigma^2); it would take exact EM about 30
-      iterations to get that close, this takes 15 (ULA's bias, eta P / 2, is what remains);
+      discarded eigenvalues, |W|^2 = the top one minus sigma^2) after 15 iterations (exact EM is
+      there after about 11; ULA's bias, eta P / 2 in the chains' variance, keeps this one from
+      getting much closer at eta = 0.01);
     - at the MLE, one iteration from exact posterior draws leaves |W| and s^2 within 1 %: it is a
       fixed point;
     - from W = 0 the decoder exerts no pressure, the chains stay prior draws that know nothing of
