@@ -309,7 +309,8 @@ def lecun_init(module):
 
 
 class ScoreUNet(nn.Module):
-    """VDM's score network: (z_t (B, C, H, W), gamma_t (B,)) -> v_hat or eps_hat (B, C, H, W)."""
+    """VDM's score network: (z_t (B, C, H, W), gamma_t (B,)) -> v_hat or eps_hat (B, C, H, W);
+    with --model em also given cond, the latent z (B, d) that the decoder is conditioned on."""
 
     def __init__(self, cfg, channels):
         super().__init__()
@@ -325,7 +326,8 @@ class ScoreUNet(nn.Module):
         zero_init(self.conv_out)
         # --model em (section 8): the latent z (B, d) enters as t does, added to the time
         # embedding through two Dense layers; not zero-initialised, because a decoder blind to z
-        # is a fixed point of EM (the posterior is then the prior, and nothing moves z).
+        # is a fixed point of EM (the posterior is then the prior, and nothing moves z). The
+        # layers after the embedding start at zero as in VDM; z reaches the output from step 3.
         self.zemb = (nn.Sequential(nn.Linear(cfg.latent_dim, 4 * n), nn.SiLU(),
                                    nn.Linear(4 * n, 4 * n)) if cfg.model == "em" else None)
 
