@@ -1732,6 +1732,23 @@ def test_the_e_step_moves_only_z_and_each_m_step_only_its_own_network():
     assert torch.equal(z_K, z_0) and torch.equal(delta_U, torch.zeros(4))
 
 
+
+@pytest.mark.parametrize("encoder", ["fixed", "learned"])
+def test_the_em_decoder_may_be_a_diffenc_model(encoder):
+    """[Diffusion Encoder: the decoder is any --encoder] With DiffEnc's fixed or learned encoder in
+    the decoder (x_phi and its jvp inside the E-step's energy), one EM iteration gives finite
+    losses and Delta U, and its two losses reach the score network, the latent encoder and (for
+    learned) the DiffEnc encoder: the same code path as the VDM decoder's."""
+    model = randomize(em_model(encoder=encoder, langevin_eta=0.001)).train()
+    x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(1))
+    t, eps, eps_0 = (a.double() for a in de.draw_noise(0, 0, 4, (1, 8, 8)))
+    decoder_loss, encoder_loss, report = de.em_losses(model, x_int, t, eps, eps_0, seeded(2))
+    assert torch.isfinite(report).all() and report[4] != 0
+    (decoder_loss + encoder_loss).backward()
+    nets = [model.score, model.latent_enc] + ([model.enc] if encoder == "learned" else [])
+    assert all(sum(p.grad.abs().sum() for p in net.parameters() if p.grad is not None) > 0
+               for net in nets)
+
 def test_at_init_the_latent_encoder_is_the_prior_and_the_bound_knows_its_rate_exactly():
     """[Diffusion Encoder: the initial encoder and the bound's R] At init the latent encoder's
     denoiser is sigma_t z_t exactly, the exact denoiser of N(0, I): q_phi(z | x) is the prior (for
