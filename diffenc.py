@@ -1062,17 +1062,19 @@ def em_losses(model, x_int, t, eps, eps_0, g):
     x = scale_pixels(x_int, eps.dtype)                                          # (B, C, H, W)
     normal = lambda *shape: torch.randn(shape, generator=g, dtype=eps.dtype).to(eps.device)
     times = lambda: low_discrepancy_times(torch.rand(1, generator=g), B).to(t)  # (B,)
+    # One embedding h(x) serves the sampler, the E-step and the encoder's M-step (the E-step
+    # differentiates by z alone, so its graph to the weights is used once, by the M-step).
+    denoise = model.latent_enc.denoiser(x)
     # 1. z_0 ~ q_phi(z | x): S ancestral steps. 2. E-step. Decoder without dropout; no weights move.
     model.eval()
     with torch.no_grad():
-        denoise = model.latent_enc.denoiser(x)
         z_0 = latent_sample(denoise, normal(B, d), cfg.latent_steps, lambda: normal(B, d))
     z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal)           # (B, d), (B,)
     model.train()
     # 3. M-step, decoder: its -ELBO on the refined latents (z_K carries no graph).
     diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_K)                # (B,) each, nats
     # 4. M-step, encoder: maximum likelihood of q_phi on the chain's samples.
-    enc = latent_denoising_loss(model.latent_enc.denoiser(x), z_K, times(), normal(B, d))  # (B,)
+    enc = latent_denoising_loss(denoise, z_K, times(), normal(B, d))         # (B,)
     terms = torch.stack([bits_per_dim([a], model.image_shape).mean()            # (3,) bpd
                          for a in (diff, latent, recon)])
     report = torch.cat([terms.detach(), torch.stack([enc.detach().mean() / d + LATENT_RECON,
@@ -1605,8 +1607,9 @@ LOG_COLUMNS = dict(diffenc=("diffusion", "latent", "recon"),
                    em=("diffusion", "latent", "recon", "enc_nll", "delta_U"))
 
 
-def log_header(cfg):
-    return ",".join(("step", "bpd") + LOG_COLUMNS[cfg.model] + ("lr",))
+def log_columns(model):
+    """log.csv's columns for --model diffenc or em."""
+    return ("step", "bpd") + LOG_COLUMNS[model] + ("lr",)
 
 
 def open_log(path, step, header):
@@ -1702,7 +1705,7 @@ def train(cfg):
             signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         log_path = os.path.join(cfg.out, "log.csv")
-        log = open_log(log_path, step, log_header(cfg)) if rank == 0 else None
+        log = open_log(log_path, step, ",".join(log_columns(cfg.model))) if rank == 0 else None
         B, t0, start_step, skipped = cfg.batch_size // world, time.time(), step, 0
         if rank == 0:
             n_params = sum(p.numel() for p in model.parameters())
@@ -1992,7 +1995,7 @@ def plot_em_log(ckpt_path):
     path = os.path.join(os.path.dirname(ckpt_path) or ".", "log.csv")
     if not os.path.exists(path):
         return
-    columns = ("step", "bpd") + LOG_COLUMNS["em"] + ("lr",)
+    columns = log_columns("em")
     rows = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)          # (rows, len(columns))
     if len(rows) < 2:
         return
