@@ -1169,6 +1169,10 @@ PRESETS = {
 
 # Fields that define the network and the likelihood: a checkpoint can only be resumed or
 # evaluated with the same values (the others, e.g. steps or lr, may change on resume).
+# Fields that only --model em reads: given to another model they would do nothing, so they are
+# refused (main) rather than ignored.
+EM_FIELDS = ("latent_dim", "latent_width", "latent_steps", "langevin_steps", "langevin_eta", "beta",
+             "lam")
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
                 "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups",
                 "model", "latent_dim", "latent_width")
@@ -2534,6 +2538,10 @@ def main(argv=None):
                                    f"{getattr(args, name)}")
         if args.per_t and not args.eval:
             raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
+        unused = [f for f in EM_FIELDS if getattr(args, f) is not None]
+        if (args.train or args.bench) and (args.model or Config.model) != "em" and unused:
+            flag = "--" + unused[0].replace("_", "-")
+            raise DiffEncError(f"{flag} is an option of --model em; add --model em or drop {flag}")
         if args.sigma_p == "optimal" and not ((args.eval and args.T) or args.sample):
             raise DiffEncError("--sigma-p optimal sets the variance of each of T steps; use it "
                                "with --eval CKPT --T T or --sample CKPT")

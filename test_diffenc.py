@@ -2490,7 +2490,9 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
             (["--tune-schedule", ckpt, "--T", 4], "--model em checkpoint"),
             (["--sample", ckpt, "--sigma-p", "optimal"], "drop --sigma-p optimal"),
             (["--train", "synthetic", *TINY, "--model", "em", "--latent-dim", 65], "--latent-dim"),
-            (["--train", "synthetic", *TINY, "--model", "em", "--lam", 1], "--lam must be")):
+            (["--train", "synthetic", *TINY, "--model", "em", "--lam", 1], "--lam must be"),
+            (["--train", "synthetic", *TINY, "--steps", 1, "--out", tmp_path / "vdm_beta",
+              "--beta", 0.5], "--beta is an option of --model em")):
         code, err = main_error(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
 
