@@ -50,7 +50,7 @@ The machinery (read these to train):
     9. Configuration  10. Data  11. Training  12. Evaluation, sampling and figures
     13. Benchmark (optional)  14. Command line
 Where things are: the encoder's derivative term dx_phi/dlambda is `encoder_mean` (its formula)
-and `DiffEnc.encode` (the network's dy/dgamma by forward-mode AD); the loss that uses it is
+and `encoder_jvp` (the network's dy/dgamma by forward-mode AD); the loss that uses it is
 `diffusion_loss_continuous`; the bound is `DiffEnc.forward` (its three terms) and `bits_per_dim`.
 The Diffusion Encoder's EM iteration is `em_losses` (E-step `em_e_step`, M-steps after it); its
 bound D + R is `distortion_rate` with `latent_log_q`, evaluated by `evaluate_em`.
@@ -581,6 +581,13 @@ def low_discrepancy_times(u, n_total, offset=0, n=None):
 # both ends for every image.
 # -------------------------------------------------------------------------------------------------
 
+def encoder_jvp(enc, x, gamma):
+    """The encoder network's y = enc(x, gamma) and dy/dgamma, each (B, C, H, W), by forward-mode
+    AD with tangent 1 for every sample's gamma (B,): one pass, exact (no finite differences) and
+    per sample (the U-Net has no cross-batch operations)."""
+    return torch.func.jvp(lambda gm: enc(x, gm), (gamma,), (torch.ones_like(gamma),))
+
+
 class DiffEnc(nn.Module):
     """Parameters of the schedule, the score network and (for encoder="learned") the encoder.
     forward() returns the three -ELBO terms per image; the math lives in the functions above."""
@@ -596,6 +603,7 @@ class DiffEnc(nn.Module):
         self.schedule = NoiseSchedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max)
         self.score = ScoreUNet(cfg, C)
         self.enc = EncoderUNet(cfg, C) if cfg.encoder == "learned" else None
+        self.graphed_jvp = None  # --compile on CUDA: encoder_jvp as a CUDA graph (section 11)
         # --model em: q_phi(z | x), a diffusion model in latent space (section 8)
         self.latent_enc = LatentEncoder(cfg, image_shape) if cfg.model == "em" else None
         for net in (self.score, self.enc, self.latent_enc):
@@ -609,10 +617,8 @@ class DiffEnc(nn.Module):
             return encoder_mean(self.cfg.encoder, x, g)
         if not derivative:
             return encoder_mean("learned", x, g, self.enc(x, gamma))
-        # Forward-mode AD with tangent 1 for every sample's gamma: y and dy/dgamma in one pass,
-        # exact (no finite differences) and per sample (the U-Net has no cross-batch operations).
-        tangent = torch.ones_like(gamma)
-        y, dy_dgamma = torch.func.jvp(lambda gm: self.enc(x, gm), (gamma,), (tangent,))
+        jvp = self.graphed_jvp if self.training and self.graphed_jvp else encoder_jvp
+        y, dy_dgamma = jvp(self.enc, x, gamma)
         return encoder_mean("learned", x, g, y, dy_dgamma)
 
     def predict(self, z, gamma, cond=None):
@@ -1142,7 +1148,8 @@ class Config:
     ema: float = setting(0.9999, "EMA decay of the weights used for eval and sampling")
     seed: int = setting(0, "seed for init, data order, t, eps and dropout")
     amp: bool = setting(False, "bf16 autocast for the score network (CUDA)")
-    compile: bool = setting(False, "torch.compile the score network (CUDA)")
+    compile: bool = setting(False, "torch.compile the score network; on CUDA, CUDA graphs of "
+                            "the encoder's calls")
     # bookkeeping
     data_dir: str = setting("./data", "where data sets are cached / looked for")
     out: str = setting("runs/diffenc", "run folder: checkpoints, log.csv, samples")
@@ -1561,6 +1568,28 @@ def settle_speed(cfg, device):
               "slower", file=sys.stderr)
 
 
+def compile_model(model, batch_size, device):
+    """--compile: torch.compile the score network (in place: state_dict keys stay the same); on
+    CUDA, with --encoder learned and the continuous-time loss, also replay the encoder's two calls
+    of a training step (encoder_jvp at t, the plain call at the nearer end) as CUDA graphs,
+    forward and backward. torch.compile cannot trace torch.func.jvp through GroupNorm, and eagerly
+    the jvp is launch-bound: thousands of small kernels a step (README, Performance). The graphs
+    serve training batches of batch_size images (every batch: batch_indices drops the partial
+    one); in eval mode the encoder runs eagerly. The maths is the same, not the bits: cuDNN may
+    pick other algorithms inside a graph (test_cuda_graphs_give_the_eager_loss_and_gradients)."""
+    model.score.compile()
+    if device.type != "cuda" or model.enc is None or model.cfg.T:
+        return
+    x = torch.zeros(batch_size, *model.image_shape, device=device)          # (B, C, H, W)
+    learned = model.cfg.schedule != "fixed"  # then gamma carries a gradient to the schedule
+    gamma = torch.zeros(batch_size, device=device, requires_grad=learned)    # (B,)
+    holder = nn.Module()  # make_graphed_callables finds the weights to differentiate in a module
+    holder.enc, holder.forward = model.enc, lambda x, gamma: encoder_jvp(model.enc, x, gamma)
+    jvp = torch.cuda.make_graphed_callables(holder, (x, gamma))  # first: it calls model.enc,
+    torch.cuda.make_graphed_callables(model.enc, (x, gamma))     # whose forward this replaces
+    model.graphed_jvp = lambda enc, x, gamma: jvp(x, gamma)
+
+
 def prepare_out(cfg):
     """Create --out (but not for a --resume of a folder without a checkpoint), prove it writable,
     lock it against a second run, and never let a fresh run overwrite an old run's checkpoint.
@@ -1697,7 +1726,7 @@ def train(cfg):
             step, best, saved = ckpt["step"], ckpt["best_bpd"], ckpt["step"]
             window, n_window = ckpt["window"], ckpt["n_window"]
         if cfg.compile:
-            model.score.compile()  # in place: state_dict keys stay the same
+            compile_model(model, cfg.batch_size // world, device)
         net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         state = lambda: checkpoint_state(cfg, model, ema, opt, step, best, window, n_window)
         holds = lambda: (f"{latest} holds step {saved}" if saved is not None
@@ -2422,7 +2451,7 @@ def bench(cfg, rounds=10, warmup=2, sample_batch=16):
             ema = copy.deepcopy(model).requires_grad_(False)
             opt = make_optimizer(model, c, device)
             if compiled:
-                model.score.compile()
+                compile_model(model, cfg.batch_size, device)
             step = lambda k, m=model, e=ema, o=opt, c=c: train_step(m, m, e, o, c, k, batch, 1)
             if encoder not in flops:                          # same network, same FLOPs: count
                 flops[encoder] = step_flops(lambda: step(0))  # once, eagerly (also a warm-up)
