@@ -49,8 +49,8 @@ Sections. The method, in the order in which the paper builds it (read these to l
 The machinery (read these to train):
     9. Configuration  10. Data  11. Training  12. Evaluation, sampling and figures
     13. Benchmark (optional)  14. Command line
-Where things are: the encoder's derivative term dx_phi/dlambda is `encoder_mean` (its formula)
-and `encoder_jvp` (the network's dy/dgamma by forward-mode AD); the loss that uses it is
+Where things are: the encoder's derivative term dx_phi/dlambda is section 2: `encoder_mean` (its
+formula) and `encoder_jvp` (the network's dy/dgamma by forward-mode AD); the loss that uses it is
 `diffusion_loss_continuous`; the bound is `DiffEnc.forward` (its three terms) and `bits_per_dim`.
 The Diffusion Encoder's EM iteration is `em_losses` (E-step `em_e_step`, M-steps after it); its
 bound D + R is `distortion_rate` with `latent_log_q`, evaluated by `evaluate_em`.
@@ -194,6 +194,14 @@ def encoder_mean(kind, x, gamma, y=None, dy_dgamma=None):
     x_enc = alpha2 * x + sigma2 * y
     dx_enc = None if dy_dgamma is None else alpha2 * sigma2 * (x - y) - sigma2 * dy_dgamma
     return x_enc, dx_enc
+
+
+def encoder_jvp(enc, x, gamma):
+    """y = enc(x, gamma) and dy/dgamma of the encoder network (section 3), each (B, C, H, W), by
+    forward-mode AD with tangent 1 for every sample's gamma (B,): one pass, exact (no finite
+    differences) and per sample (the U-Net has no cross-batch operations). Their combination into
+    dx_phi/dlambda is encoder_mean's."""
+    return torch.func.jvp(lambda gm: enc(x, gm), (gamma,), (torch.ones_like(gamma),))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -580,13 +588,6 @@ def low_discrepancy_times(u, n_total, offset=0, n=None):
 # batch, each image at the end nearer its t (an unbiased estimate, see forward); in evaluation
 # both ends for every image.
 # -------------------------------------------------------------------------------------------------
-
-def encoder_jvp(enc, x, gamma):
-    """The encoder network's y = enc(x, gamma) and dy/dgamma, each (B, C, H, W), by forward-mode
-    AD with tangent 1 for every sample's gamma (B,): one pass, exact (no finite differences) and
-    per sample (the U-Net has no cross-batch operations)."""
-    return torch.func.jvp(lambda gm: enc(x, gm), (gamma,), (torch.ones_like(gamma),))
-
 
 class DiffEnc(nn.Module):
     """Parameters of the schedule, the score network and (for encoder="learned") the encoder.
