@@ -1271,13 +1271,13 @@ def test_tuning_the_schedule_shape_lowers_the_T_step_loss_and_keeps_it_monotone(
     schedule's interior. Starting from the linear schedule (linear_net_schedule: a monotone net
     within 1e-3 of it), 40 Adam steps on the shape alone (endpoints frozen) lower the toy's exact
     L_5 by more than 10% (observed 26%); the tuned schedule is still non-decreasing with the same
-    endpoints, and
-    its L_inf is unchanged (1e-9)."""
+    endpoints, and its L_inf is unchanged (1e-9)."""
     schedule = de.linear_net_schedule(de.NoiseSchedule("fixed", -13.3, 5.0))
     t = torch.linspace(0, 1, 101)
     assert torch.allclose(schedule(t), SCHEDULE(t), atol=18.3 * 1e-3)
     shape = [p for name, p in schedule.named_parameters() if name not in ("b", "w")]
-    schedule.b.requires_grad_(False), schedule.w.requires_grad_(False)
+    for end in (schedule.b, schedule.w):
+        end.requires_grad_(False)
     opt = torch.optim.Adam(shape, lr=0.2)
     before = toy_step_kls(5, schedule=schedule).sum().item()
     for _ in range(40):
