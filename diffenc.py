@@ -1577,7 +1577,8 @@ def compile_model(model, batch_size, device):
     the jvp is launch-bound: thousands of small kernels a step (README, Performance). The graphs
     serve training batches of batch_size images (every batch: batch_indices drops the partial
     one); in eval mode the encoder runs eagerly. The maths is the same, not the bits: cuDNN may
-    pick other algorithms inside a graph (test_cuda_graphs_give_the_eager_loss_and_gradients)."""
+    pick other algorithms inside a graph (test_cuda_graphs_give_the_eager_loss_and_gradients).
+    Copy the model (its EMA) before this call: a copy made after it would replay these graphs."""
     model.score.compile()
     if device.type != "cuda" or model.enc is None or model.cfg.T:
         return
