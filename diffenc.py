@@ -733,6 +733,12 @@ def bits_per_dim(terms, image_shape):
     return sum(terms) / (math.prod(image_shape) * math.log(2))
 
 
+def batch_bpd(terms, image_shape):
+    """The batch means of the -ELBO terms (diffusion, latent, recon), each (B,) nats, in bits per
+    dimension: (3,). Their sum is the training loss."""
+    return torch.stack([bits_per_dim([a], image_shape).mean() for a in terms])
+
+
 # -------------------------------------------------------------------------------------------------
 # 6. Sampling [DiffEnc: the encoder is discarded after training]
 #
@@ -1082,8 +1088,7 @@ def em_losses(model, x_int, t, eps, eps_0, g):
     diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_K)                # (B,) each, nats
     # 4. M-step, encoder: maximum likelihood of q_phi on the chain's samples.
     enc = latent_denoising_loss(denoise, z_K, times(), normal(B, d))         # (B,)
-    terms = torch.stack([bits_per_dim([a], model.image_shape).mean()            # (3,) bpd
-                         for a in (diff, latent, recon)])
+    terms = batch_bpd((diff, latent, recon), model.image_shape)                 # (3,) bpd
     report = torch.cat([terms.detach(), torch.stack([enc.detach().mean() / d + LATENT_RECON,
                                                      delta_U.mean()])])
     return terms.sum(), enc.mean() / (d * math.log(2)), report
@@ -1670,8 +1675,7 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
                                                        rng(cfg.seed, step, RNG["e_step"]))
         loss = decoder_loss + encoder_loss
     else:
-        terms = torch.stack([bits_per_dim([a], model.image_shape).mean()  # (3,): the batch means
-                             for a in net(*batch)])               # of diff, latent, recon
+        terms = batch_bpd(net(*batch), model.image_shape)             # (3,): diff, latent, recon
         loss, report = terms.sum(), terms
     report = report.detach().clone()
     if world > 1:
@@ -1902,7 +1906,10 @@ def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
         z, log_q = latent_log_q(denoise, z_1, S)              # torch.func ignores the no_grad
         terms = model(x_int, t, eps, eps_0, cond=z)                      # D's terms, (b,) each
         _, rate = distortion_rate(sum(terms), log_q, z)
-        d_prior = sum(model(x_int, t, eps, eps_0, cond=z_prior))
+        # D_prior: only the diffusion term sees z; the boundary terms (and the encoder's pass
+        # at t = 0 and 1) are D's
+        x = scale_pixels(x_int, eps.dtype)
+        d_prior = sum((decoder_nll(model, x, t, eps)(z_prior), *terms[1:]))
         return torch.stack([*terms, rate, d_prior], 1)
     return per_image(model, data, batch_size, n_images, samples, columns)
 
