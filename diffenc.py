@@ -74,6 +74,17 @@ import zlib
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
+
+def interrupted_while_starting(signum, frame):
+    """Ctrl-C while torch loads (a second or more, before main() runs): one line and exit 130, as
+    Ctrl-C anywhere later, instead of a traceback from inside the imports."""
+    print("diffenc: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_starting)  # main() restores Python's default
+
 try:
     import fcntl  # locks the run folder (POSIX)
 except ImportError:
@@ -1497,6 +1508,11 @@ def load_checkpoint(path):
     if ckpt.pop("sha256", None) != content_digest(ckpt):
         raise DiffEncError(f"{path} is corrupt: its content does not match the digest saved with "
                            f"it; use another checkpoint of the run (e.g. best.pt)")
+    try:  # the settings it holds obey the same rules as flags (a digest proves no more than intact)
+        validate(Config(**ckpt["config"]))
+    except (TypeError, DiffEncError) as e:
+        raise DiffEncError(f"{path} holds settings this diffenc.py refuses ({e}); use a checkpoint "
+                           f"written by this diffenc.py") from None
     return ckpt
 
 
@@ -1598,20 +1614,26 @@ def compile_model(model, batch_size, device):
 
 
 def prepare_out(cfg):
-    """Create --out (but not for a --resume of a folder without a checkpoint), prove it writable,
-    lock it against a second run, and never let a fresh run overwrite an old run's checkpoint.
-    Returns the lock, which the run holds until it ends."""
+    """Create --out (but not for a --resume of a folder without a checkpoint), lock it against a
+    second run, prove it writable, and never let a fresh run overwrite an old run's checkpoint.
+    Returns the lock, which the run holds until it ends. The lock comes first: two runs started
+    in the same instant must not trip over each other's write test (the loser is told the folder
+    is in use, not that it is unwritable), and the test file's name is this process's own."""
     latest = os.path.join(cfg.out, "latest.pt")
     if cfg.resume and not os.path.exists(latest):
         raise DiffEncError(f"--resume: no checkpoint at {latest}; drop --resume to start a new run")
+    lock = None
     try:
         os.makedirs(cfg.out, exist_ok=True)
-        atomic_write(os.path.join(cfg.out, ".write-test"), lambda f: f.write(b"ok"))
-        os.remove(os.path.join(cfg.out, ".write-test"))
+        lock = lock_run_folder(cfg.out)
+        probe = os.path.join(cfg.out, f".write-test-{os.getpid()}")
+        atomic_write(probe, lambda f: f.write(b"ok"))
+        os.remove(probe)
     except OSError as e:
+        if lock is not None:
+            lock.close()
         raise DiffEncError(f"cannot write to --out {cfg.out} ({e.strerror or e}); choose a "
                            f"writable folder") from None
-    lock = lock_run_folder(cfg.out)
     if os.path.exists(latest) and not cfg.resume:
         lock.close()
         raise DiffEncError(f"{cfg.out} already holds a run ({latest}); add --resume to continue "
@@ -1623,7 +1645,11 @@ def lock_run_folder(out):
     """An exclusive lock on out/run.lock, held while this process lives. The kernel drops it when
     the process ends, however it ends, so a killed run's lock never blocks a resume. The file
     holds the owner's process id, which a refused second run names. (POSIX; no lock on Windows.)"""
-    f = open(os.path.join(out, "run.lock"), "a+")
+    path = os.path.join(out, "run.lock")
+    if os.path.isdir(path):
+        raise DiffEncError(f"{path} is a folder, not the run's lock file; move it out of --out and "
+                           f"run again")
+    f = open(path, "a+")
     if fcntl is None:
         return f
     try:
@@ -1652,12 +1678,30 @@ def log_columns(model):
     return ("step", "bpd") + LOG_COLUMNS[model] + ("lr",)
 
 
+def read_log(path, n_fields):
+    """The rows of a log.csv as (line, values): n_fields numbers, an integer step first. Any
+    other line is dropped: a row that a kill cut short, and garbage (bytes that are not text, a
+    step that is not a number). A path that is not a file is a DiffEncError."""
+    if not os.path.exists(path):
+        return []
+    if not os.path.isfile(path):
+        raise DiffEncError(f"{path} is not a file; move it out of the run folder and run again "
+                           f"(the training curves start afresh)")
+    rows = []
+    for line in open(path, "rb").read().decode("utf-8", "replace").splitlines()[1:]:
+        try:
+            row = [float(v) for v in line.split(",")]
+        except ValueError:
+            continue
+        if len(row) == n_fields and math.isfinite(row[0]) and row[0] == int(row[0]) >= 0:
+            rows.append((line, row))
+    return rows
+
+
 def open_log(path, step, header):
     """log.csv cut back to the complete rows of steps <= step, opened for appending: rows that a
     killed run wrote after its last checkpoint are written again after the resume, once."""
-    rows = open(path).read().splitlines()[1:] if os.path.exists(path) else []
-    n_fields = header.count(",") + 1
-    keep = [r for r in rows if r.count(",") + 1 == n_fields and int(r.split(",")[0]) <= step]
+    keep = [line for line, row in read_log(path, header.count(",") + 1) if row[0] <= step]
     atomic_write(path, lambda f: f.write("".join(r + "\n" for r in [header] + keep).encode()))
     return open(path, "a")
 
@@ -1949,6 +1993,7 @@ def run_eval(ckpt_paths, args):
         if cfg.model == "em" and (args.T or args.per_t or args.sigma_p == "optimal"):
             raise DiffEncError(f"{path} is a --model em checkpoint, evaluated by its bound D + R "
                                f"in continuous time; drop --T, --per-t and --sigma-p")
+        refuse_latent_steps(cfg, path, args)
         model = model_from_checkpoint(ckpt, pick_device(), T=args.T)
         batch_size, seed = args.batch_size or cfg.batch_size, args.seed or 0
         run = lambda t=None, ratio=None: evaluate(model, data, batch_size, seed,
@@ -2011,6 +2056,14 @@ def run_eval(ckpt_paths, args):
     return curves
 
 
+def refuse_latent_steps(cfg, path, args):
+    """--latent-steps S sets the sampling steps of an em checkpoint's encoder; any other checkpoint
+    has no latent encoder, and the flag would be ignored."""
+    if args.latent_steps is not None and cfg.model != "em":
+        raise DiffEncError(f"--latent-steps is an option of --model em checkpoints, and {path} is "
+                           f"a --model {cfg.model} checkpoint; drop --latent-steps")
+
+
 def report_em_bound(path, ckpt, bpd, args):
     """Print --model em's bound D + R, its parts and D_prior - D, each with its standard error
     over images; returns D + R per image (N,) for the pairing with other checkpoints."""
@@ -2035,10 +2088,10 @@ def plot_em_log(ckpt_path):
     is one): the decoder's bpd, the encoder's -log q bound and the E-step's Delta U against the
     step, one SVG each: whether encoder and decoder are in step."""
     path = os.path.join(os.path.dirname(ckpt_path) or ".", "log.csv")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         return
     columns = log_columns("em")
-    rows = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)          # (rows, len(columns))
+    rows = np.array([row for _, row in read_log(path, len(columns))]).reshape(-1, len(columns))
     if len(rows) < 2:
         return
     step, col = rows[:, 0], lambda name: rows[:, columns.index(name)]
@@ -2127,6 +2180,7 @@ def run_sample(ckpt_path, args):
     ckpt = load_checkpoint(ckpt_path)
     cfg = Config(**ckpt["config"])
     T = args.T or args.sample_steps or cfg.T or cfg.sample_steps
+    refuse_latent_steps(cfg, ckpt_path, args)
     model = model_from_checkpoint(ckpt, pick_device(), T=T)
     if cfg.model == "em":
         if args.sigma_p == "optimal":
@@ -2165,7 +2219,8 @@ def sample_em(model, ckpt, ckpt_path, T, args):
     test = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")[:n]
     with torch.no_grad():
         denoise = model.latent_enc.denoiser(scale_pixels(test.to(p.device), p.dtype))
-        z = latent_sample(denoise, normal(), cfg.latent_steps, normal)     # (n, d) ~ q_phi(z | x)
+        S = args.latent_steps or cfg.latent_steps
+        z = latent_sample(denoise, normal(), S, normal)                    # (n, d) ~ q_phi(z | x)
     recon, _ = sample(model, len(test), T, seed, cond=z)
     prefix = os.path.join(os.path.dirname(ckpt_path) or ".", f"em_step{ckpt['step']}_T{T}")
     write_png(f"{prefix}_samples.png", image_grid(generated, math.ceil(math.sqrt(n))))
@@ -2565,6 +2620,8 @@ def config_from_args(args, dataset):
 
 
 def main(argv=None):
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
     args = build_parser().parse_args(argv)
     try:
         for f in dataclasses.fields(Config):  # every flag given, in every mode, by the same rules
@@ -2580,6 +2637,14 @@ def main(argv=None):
         if (args.train or args.bench) and (args.model or Config.model) != "em" and unused:
             flag = "--" + unused[0].replace("_", "-")
             raise DiffEncError(f"{flag} is an option of --model em; add --model em or drop {flag}")
+        # a checkpoint holds its model's settings: of the em options only the encoder's sampling
+        # steps S can change after training (--eval and --sample of an em checkpoint read it)
+        reads_s = args.eval or args.sample
+        unused = [f for f in unused if not (reads_s and f == "latent_steps")]
+        if not (args.train or args.bench) and unused:
+            flag = "--" + unused[0].replace("_", "-")
+            raise DiffEncError(f"{flag} is a training option of --model em, and this mode reads "
+                               f"the checkpoint's value; drop {flag}")
         if args.sigma_p == "optimal" and not ((args.eval and args.T) or args.sample):
             raise DiffEncError("--sigma-p optimal sets the variance of each of T steps; use it "
                                "with --eval CKPT --T T or --sample CKPT")
