@@ -31,6 +31,7 @@ How to run (every flag is a field of Config, section 9; `--help` lists them):
     python diffenc.py --inspect runs/diffenc/latest.pt       # what the encoder does over t
     python diffenc.py --eval A/latest.pt B/latest.pt --per-t # loss per t, paired
     python diffenc.py --eval A/latest.pt --T 10 --sigma-p optimal  # finite depth (section 7)
+    python diffenc.py --eval A/latest.pt --depths 5 10 100   # T-step bpd, both --increment models
     python diffenc.py --bench --size tiny                    # seconds per step, memory, ratios
     python diffenc.py --train mnist --model em --size tiny   # the Diffusion Encoder (section 8)
     torchrun --nproc_per_node=4 diffenc.py --train cifar10   # data-parallel on 4 GPUs
@@ -40,7 +41,8 @@ Sections. The method, in the order in which the paper builds it (read these to l
     1. Noise schedule          gamma(t), alpha, sigma, SNR; learned endpoints and shape
     2. Encoder                 x_phi(x, lambda) and dx_phi/dlambda (none / fixed / learned)
     3. Networks                VDM score U-Net, encoder U-Net
-    4. Losses                  continuous and discrete diffusion loss, variance ratio, prior, recon
+    4. Losses                  continuous and discrete diffusion loss (the increment's model:
+                               Euler or exact exp), variance ratio, prior, recon
     5. The model and the ELBO  DiffEnc.forward: recon + prior + diffusion, in bits per dimension
     6. Sampling                the ancestral sampler, which never calls the encoder
     7. Finite depth            optimal sigma_P per step; a schedule tuned for T-step inference
@@ -437,6 +439,17 @@ class EncoderUNet(nn.Module):
 #     L_inf = 1/2 E_t [gamma'(t) SNR_t ||(x_phi + dx_phi/dlambda) - (x_hat + sigma_t^2 x_hat)||^2].
 # For the plain VDM (x_phi = x, no Euler term) these are VDM's discrete and continuous losses.
 #
+# Few steps: the increment's model (--increment). The Euler step is first order in the step, so
+# at T = 10 it misses (README, finite depth); the paper leaves better "approximations of the
+# gradient term" to future work. `exp` integrates the model's own ODE dx/dlambda = sigma^2 x
+# exactly from x_hat at t: since d alpha^2 / dlambda = alpha^2 sigma^2, x(lambda_s) =
+# x_hat alpha_s^2 / alpha_t^2, an increment of
+#     x_hat (alpha_s^2 / alpha_t^2 - 1) = sigma_s^2 expm1(gamma_t - gamma_s) x_hat
+# (the right side has no cancellation in float32). For the fixed encoder x_phi = alpha^2 x it is
+# the exact increment whenever x_hat = x_phi(t); for the learned one it agrees with the Euler step
+# to first order in the step, so L_T has the same limit L_inf. Only the T-step loss, the sampler
+# (p_reverse) and what builds on them (sigma_P*, --tune-schedule) see it; L_inf does not.
+#
 # Numerics. SNR_t reaches 6e5 near t = 0, where x_phi - x_hat is a tiny difference of O(1)
 # numbers. We therefore never form it: with z_t = alpha x_phi + sigma eps,
 #     (alpha/sigma)(x_phi - x_hat) = eps_hat - eps         (eps-prediction)
@@ -477,24 +490,32 @@ def diffusion_loss_continuous(dgamma_dt, alpha, sigma, scaled_err, dx_enc, dx_ha
     return sum_dims(0.5 * dgamma_dt * r.square())
 
 
+def increment_hat(x_hat, gamma_s, gamma_t, increment):
+    """The generative model's x_phi(lambda_s) - x_phi(lambda_t), from x_hat at t (see the head):
+    "euler" (the paper's) (lambda_s - lambda_t) sigma_t^2 x_hat, "exp" sigma_s^2 expm1(gamma_t -
+    gamma_s) x_hat, None (the VDM, x_phi = x) 0. lambda_s - lambda_t = gamma_t - gamma_s."""
+    if increment == "euler":
+        return (gamma_t - gamma_s) * torch.sigmoid(gamma_t) * x_hat
+    if increment == "exp":
+        return torch.sigmoid(gamma_s) * torch.expm1(gamma_t - gamma_s) * x_hat
+    return 0.0
+
+
 def diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, scaled_err, x_enc_s, x_enc_t,
-                            x_hat, euler_step):
+                            x_hat, increment):
     """The exact KL(q(z_s|z_t,x) || p(z_s|z_t)) of one step, sigma_P = sigma_Q, per sample (nats):
 
-        KL = 1/2 (SNR_s - SNR_t) ||(x_t - x_hat) + [(x_s - x_t) - (lambda_s - lambda_t) sigma_t^2
-             x_hat] / kappa||^2
+        KL = 1/2 (SNR_s - SNR_t) ||(x_t - x_hat) + [(x_s - x_t) - increment_hat] / kappa||^2
            = 1/2 expm1(gamma_t - gamma_s) || scaled_err + (alpha_t/sigma_t) [...] / kappa ||^2,
 
     using (SNR_s - SNR_t)/SNR_t = expm1(gamma_t - gamma_s). x_enc_s, x_enc_t: the encoder at s and
-    t (the exact increment on the q side); euler_step: the generative model's sigma_t^2 x_hat term
-    (True for DiffEnc, False for VDM). The T-step loss is L_T = sum_i KL_i = T E_i[KL_i].
+    t (the exact increment on the q side); increment: the generative model's increment_hat, "euler"
+    (the paper's sigma_t^2 x_hat term) or "exp" for DiffEnc, None for VDM. The T-step loss is
+    L_T = sum_i KL_i = T E_i[KL_i].
     """
     kappa = -torch.expm1(gamma_s - gamma_t)
-    increment = x_enc_s - x_enc_t
-    if euler_step:
-        # the Euler step; lambda_s - lambda_t = gamma_t - gamma_s
-        increment = increment - (gamma_t - gamma_s) * sigma_t ** 2 * x_hat
-    r = scaled_err + (alpha_t / sigma_t) * increment / kappa
+    miss = x_enc_s - x_enc_t - increment_hat(x_hat, gamma_s, gamma_t, increment)
+    r = scaled_err + (alpha_t / sigma_t) * miss / kappa
     return sum_dims(0.5 * torch.expm1(gamma_t - gamma_s) * r.square())
 
 
@@ -508,11 +529,11 @@ def q_reverse(z_t, x_enc_s, x_enc_t, gamma_s, gamma_t):
     return mean, kappa * sigma_s ** 2
 
 
-def p_reverse(z_t, x_hat, gamma_s, gamma_t, euler_step):
+def p_reverse(z_t, x_hat, gamma_s, gamma_t, increment):
     """The generative step p(z_s | z_t) = q(z_s | z_t, x) with x_phi(t) -> x_hat and the encoder
-    increment -> the Euler step (lambda_s - lambda_t) sigma_t^2 x_hat (DiffEnc only). Returns
-    (mean, variance) with sigma_P^2 = sigma_Q^2, which keeps the ELBO finite as T grows."""
-    step = (gamma_t - gamma_s) * torch.sigmoid(gamma_t) * x_hat if euler_step else 0.0
+    increment -> increment_hat (the Euler step by default; None for the VDM). Returns (mean,
+    variance) with sigma_P^2 = sigma_Q^2, which keeps the ELBO finite as T grows."""
+    step = increment_hat(x_hat, gamma_s, gamma_t, increment)
     return q_reverse(z_t, x_hat + step, x_hat, gamma_s, gamma_t)
 
 
@@ -716,10 +737,14 @@ class DiffEnc(nn.Module):
         out = self.predict(z_t, gamma_t.flatten())
         x_hat = predict_x(out, z_t, alpha_t, sigma_t, self.cfg.param)
         scaled_err = scaled_error(out, eps, x_enc_t, alpha_t, sigma_t, self.cfg.param)
-        euler_step = self.cfg.encoder != "none"
         kl = diffusion_loss_discrete(gamma_s, gamma_t, alpha_t, sigma_t, scaled_err, x_enc_s,
-                                     x_enc_t, x_hat, euler_step)
+                                     x_enc_t, x_hat, self.increment)
         return T * kl
+
+    @property
+    def increment(self):
+        """The T-step model's increment_hat: cfg.increment for DiffEnc, None for the VDM."""
+        return None if self.cfg.encoder == "none" else self.cfg.increment
 
 
 def discrete_step(t, T):
@@ -754,9 +779,10 @@ def batch_bpd(terms, image_shape):
 # 6. Sampling [DiffEnc: the encoder is discarded after training]
 #
 # Ancestral sampling on the uniform grid t_i = i/T: z_1 ~ N(0, I), then z_s ~ p(z_s | z_t) of
-# section 4 (sigma_P = sigma_Q; DiffEnc models add the Euler term alpha_s (lambda_s - lambda_t)
-# sigma_t^2 x_hat), down to z_0, which is decoded by the argmax of the 256-way decoder. Only the
-# schedule and the score network are used, so DiffEnc samples exactly as fast as a VDM.
+# section 4 (sigma_P = sigma_Q; DiffEnc models add the increment term alpha_s increment_hat, the
+# Euler step (lambda_s - lambda_t) sigma_t^2 x_hat or --increment exp's), down to z_0, which is
+# decoded by the argmax of the 256-way decoder. Only the schedule and the score network are used,
+# so DiffEnc samples exactly as fast as a VDM.
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -769,7 +795,7 @@ def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None):
     noise = lambda: torch.randn((n, *model.image_shape), generator=g, dtype=dtype).to(device)
     z = noise()                                                                 # z_1 ~ N(0, I)
     gammas = model.schedule(torch.linspace(0, 1, T + 1, device=device, dtype=dtype))  # (T + 1,)
-    kept, euler_step = {}, model.cfg.encoder != "none"
+    kept = {}
     for i in range(T, 0, -1):
         gamma_t, gamma_s = gammas[i], gammas[i - 1]
         alpha_t, sigma_t = alpha_sigma(gamma_t)
@@ -777,7 +803,7 @@ def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None):
         x_hat = predict_x(out, z, alpha_t, sigma_t, model.cfg.param)           # (n, C, H, W)
         if i in keep:
             kept[i] = x_hat.cpu()
-        mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, euler_step)
+        mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, model.increment)
         var = var if var_ratio is None else var * var_ratio[i - 1]
         z = mean + var.sqrt() * noise()                      # the last step is stochastic too
     return decode(z, gammas[0]).cpu(), kept
@@ -790,7 +816,10 @@ def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None):
 # do matter here: (1) the generative variance of each step, whose optimum is sigma_P*^2 =
 # sigma_Q^2 + E||mu_Q - mu_P||^2 / d (section 4), estimated on training images and then used on
 # the test set; (2) the schedule's interior, which the T-step loss depends on (the continuous loss
-# only on the endpoints), tuned here with the networks frozen.
+# only on the endpoints), tuned here with the networks frozen. Both are computed from the T-step
+# loss, so both use the model's increment (--increment, section 4: euler, the paper's, or exp),
+# as do training with --T > 0, --eval --T and the sampler; --eval --depths T [T ...] compares
+# the two increments over T (run_depths, section 12).
 # -------------------------------------------------------------------------------------------------
 
 SIGMA_P_PAIRS = 20_000  # (training image, eps) pairs that estimate the T per-step variances
@@ -954,7 +983,7 @@ def latent_step(z_t, eps_hat, gamma_s, gamma_t, xi=None):
     if xi is None:
         alpha_s, sigma_s = alpha_sigma(gamma_s)
         return alpha_s * z_hat + sigma_s * eps_hat
-    mean, var = p_reverse(z_t, z_hat, gamma_s, gamma_t, euler_step=False)
+    mean, var = p_reverse(z_t, z_hat, gamma_s, gamma_t, increment=None)
     return mean + var.sqrt() * xi
 
 
@@ -1134,6 +1163,10 @@ class Config:
     gamma_max: float = setting(5.0, "gamma(1) = -log SNR at t = 1 (VDM's value)")
     T: int = setting(0, "0: continuous-time loss (the paper); T > 0: the T-step loss (also for "
                      "--eval, --sample, --tune-schedule)")
+    increment: str = setting("euler", "DiffEnc's T-step model of the encoder's increment: euler "
+                             "(the paper's), or exp, exact for the fixed encoder (section 4); "
+                             "with --T > 0 or --sample, not for --encoder none",
+                             ("euler", "exp"))
     size: str = setting("small", "preset: tiny (CPU, tests), small (8 blocks), large (32 blocks)",
                         ("tiny", "small", "large"))
     n_embd: int = setting(128, "score U-Net channels")
@@ -1253,6 +1286,12 @@ def validate(cfg):
     if not cfg.gamma_min < cfg.gamma_max:
         raise DiffEncError(f"--gamma-min ({cfg.gamma_min}) must be below --gamma-max "
                            f"({cfg.gamma_max})")
+    if cfg.increment != "euler" and cfg.encoder == "none":
+        raise DiffEncError(f"--increment {cfg.increment}: the VDM (--encoder none) has no encoder "
+                           f"increment to model; drop --increment")
+    if cfg.increment != "euler" and not cfg.T:
+        raise DiffEncError(f"--increment {cfg.increment} sets the T-step loss's step, and the "
+                           f"continuous-time loss (--T 0) has none; add --T or drop --increment")
     if cfg.model == "em" and cfg.T:
         raise DiffEncError(f"--model em trains with the continuous-time loss only; drop "
                            f"--T {cfg.T}")
@@ -1527,11 +1566,14 @@ def check_compatible(saved, cfg, path):
                                f"--out")
 
 
-def model_from_checkpoint(ckpt, device, weights="ema", T=None):
+def model_from_checkpoint(ckpt, device, weights="ema", T=None, increment=None):
     """Rebuild the model saved in a checkpoint, with its EMA (default) or raw weights, in eval mode.
-    T: evaluate its T-step loss instead of the loss it was trained with (any T >= 0)."""
+    T: evaluate its T-step loss instead of the loss it was trained with (any T >= 0); increment:
+    its T-step model of the encoder's increment (section 4), if not the one it was saved with."""
     cfg = Config(**ckpt["config"])
-    model = DiffEnc(cfg if T is None else dataclasses.replace(cfg, T=T), ckpt["image_shape"])
+    cfg = dataclasses.replace(cfg, T=cfg.T if T is None else T,
+                              increment=increment or cfg.increment)
+    model = DiffEnc(cfg, ckpt["image_shape"])
     model.load_state_dict(ckpt[weights])
     return model.to(device).eval().requires_grad_(False)
 
@@ -1994,7 +2036,9 @@ def run_eval(ckpt_paths, args):
             raise DiffEncError(f"{path} is a --model em checkpoint, evaluated by its bound D + R "
                                f"in continuous time; drop --T, --per-t and --sigma-p")
         refuse_latent_steps(cfg, path, args)
-        model = model_from_checkpoint(ckpt, pick_device(), T=args.T)
+        T = cfg.T if args.T is None else args.T
+        increment = checkpoint_increment(cfg, path, args, T)
+        model = model_from_checkpoint(ckpt, pick_device(), T=T, increment=increment)
         batch_size, seed = args.batch_size or cfg.batch_size, args.seed or 0
         run = lambda t=None, ratio=None: evaluate(model, data, batch_size, seed,
                                                   args.eval_images or 0, args.eval_samples, t,
@@ -2007,7 +2051,8 @@ def run_eval(ckpt_paths, args):
         else:
             bpd = run()                                                          # (N, 3)
             total = bpd.sum(1)                                                   # (N,)
-            loss = f"{model.cfg.T}-step" if model.cfg.T else "continuous-time"
+            inc = f" with the {model.increment} increment" if model.increment else ""
+            loss = f"{model.cfg.T}-step{inc}" if model.cfg.T else "continuous-time"
             print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} (standard error over "
                   f"{len(total)} images of the {cfg.dataset} test split; {loss} ELBO, EMA "
                   f"weights, step {ckpt['step']}, {args.eval_samples} (t, eps) per image)")
@@ -2054,6 +2099,82 @@ def run_eval(ckpt_paths, args):
         print(f"wrote {prefix}_diff.svg: {ckpt_paths[-1]} minus {ckpt_paths[0]} per t ± 2 "
               f"standard errors")
     return curves
+
+
+DEPTH_COLORS = ("black", "#d62728", "#ff9896", "#1f77b4", "#aec7e8", "#2ca02c", "#98df8a")
+
+
+def run_depths(ckpt_paths, args):
+    """--eval CKPT [CKPT ...] --depths T [T ...]: the T-step test bpd of each checkpoint at each T,
+    for DiffEnc checkpoints with both increment models (euler, exp; or --increment's alone), on
+    the same images, t and eps (paired). Prints one table (each column minus the first, and exp
+    minus euler), writes depths.csv and depths.svg (bpd against T, log axes) beside the first
+    checkpoint. Returns {(path, increment): (T_count, N) bpd}."""
+    se, columns = std_err, {}
+    for path in ckpt_paths:
+        ckpt = load_checkpoint(path)
+        cfg = Config(**ckpt["config"])
+        if cfg.model == "em":
+            raise DiffEncError(f"{path} is a --model em checkpoint, evaluated in continuous time; "
+                               f"--depths takes diffenc checkpoints")
+        refuse_latent_steps(cfg, path, args)
+        data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
+        increments = [None] if cfg.encoder == "none" else [args.increment] if args.increment \
+            else ["euler", "exp"]
+        batch_size, seed = args.batch_size or cfg.batch_size, args.seed or 0
+        for increment in increments:
+            rows = []
+            for T in args.depths:
+                model = model_from_checkpoint(ckpt, pick_device(), T=T, increment=increment)
+                rows.append(evaluate(model, data, batch_size, seed, args.eval_images or 0,
+                                     args.eval_samples).sum(1))                     # (N,)
+                print(f"  {path} ({increment or 'vdm'}), T = {T}: {rows[-1].mean():.4f} ± "
+                      f"{se(rows[-1]):.4f} bpd", flush=True)
+            columns[path, increment] = torch.stack(rows)                             # (T's, N)
+    if len({c.shape[1] for c in columns.values()}) > 1:
+        raise DiffEncError("--depths compares checkpoints on the same images; pass checkpoints "
+                           "of the same data set")
+    name = lambda key: (f"{os.path.basename(os.path.dirname(os.path.abspath(key[0])))}"
+                        f"{'' if key[1] is None else ' ' + key[1]}")
+    keys, first = list(columns), next(iter(columns.values()))
+    print(f"T-step test bpd ({first.shape[1]} images, one (t, eps) each, EMA weights; paired "
+          f"differences with standard errors):")
+    lines = []
+    for j, T in enumerate(args.depths):
+        cells = [f"{name(k)} {columns[k][j].mean():.4f} ± {se(columns[k][j]):.4f}" for k in keys]
+        diffs = [f"{name(k)} - {name(keys[0])} {(columns[k][j] - first[j]).mean():+.4f} ± "
+                 f"{se(columns[k][j] - first[j]):.4f}" for k in keys[1:]]
+        diffs += [f"{name((p, 'exp'))} - euler {d.mean():+.4f} ± {se(d):.4f}"
+                  for p in ckpt_paths if (p, "exp") in columns and (p, "euler") in columns
+                  for d in [columns[p, "exp"][j] - columns[p, "euler"][j]]]
+        print(f"  T = {T}: " + "; ".join(cells) + "\n    " + "; ".join(diffs))
+        lines.append([str(T)] + [repr(v) for k in keys
+                                  for v in (columns[k][j].mean().item(), se(columns[k][j]))])
+    prefix = os.path.join(os.path.dirname(ckpt_paths[0]) or ".", "depths")
+    header = "T," + ",".join(f"{name(k).replace(' ', '_')},se" for k in keys)
+    write_csv(f"{prefix}.csv", header, lines)
+    svg_plot(f"{prefix}.svg", np.array(args.depths, float),
+             [(columns[k].mean(1).numpy(), c, name(k), k[1] == "exp")
+              for k, c in zip(keys, DEPTH_COLORS * len(keys))],
+             "steps T", "T-step test bpd", log_x=True, log_y=True)
+    print(f"wrote {prefix}.csv and {prefix}.svg: T-step test bpd against T (log axes)")
+    return columns
+
+
+def checkpoint_increment(cfg, path, args, T):
+    """--increment for a checkpoint evaluated or sampled with T steps (T = 0: continuous time):
+    the flag's value, refused with one line where no T-step model of an encoder reads it; None
+    (keep the checkpoint's) when it is not given."""
+    if args.increment is None:
+        return None
+    if cfg.encoder == "none" or cfg.model == "em":
+        raise DiffEncError(f"--increment models the encoder's increment, and {path} has none (a "
+                           f"{'--model em' if cfg.model == 'em' else 'VDM'} checkpoint); drop "
+                           f"--increment")
+    if not T:
+        raise DiffEncError(f"--increment sets the T-step model's step and this is the "
+                           f"continuous-time bound; add --T (e.g. --T 10) or drop --increment")
+    return args.increment
 
 
 def refuse_latent_steps(cfg, path, args):
@@ -2149,7 +2270,8 @@ def run_tune_schedule(ckpt_path, args):
     device, seed, batch_size = pick_device(), args.seed or 0, args.batch_size or cfg.batch_size
     train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
     test = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
-    model = model_from_checkpoint(ckpt, device, T=args.T)
+    increment = checkpoint_increment(cfg, ckpt_path, args, args.T)
+    model = model_from_checkpoint(ckpt, device, T=args.T, increment=increment)
     n_test = args.eval_images or 0
     test_bpd = lambda: evaluate(model, test, batch_size, seed, n_test, args.eval_samples).sum(1)
     before = test_bpd()
@@ -2181,7 +2303,8 @@ def run_sample(ckpt_path, args):
     cfg = Config(**ckpt["config"])
     T = args.T or args.sample_steps or cfg.T or cfg.sample_steps
     refuse_latent_steps(cfg, ckpt_path, args)
-    model = model_from_checkpoint(ckpt, pick_device(), T=T)
+    increment = checkpoint_increment(cfg, ckpt_path, args, T)
+    model = model_from_checkpoint(ckpt, pick_device(), T=T, increment=increment)
     if cfg.model == "em":
         if args.sigma_p == "optimal":
             raise DiffEncError(f"{ckpt_path} is a --model em checkpoint; its sampler uses "
@@ -2292,28 +2415,41 @@ def nice_ticks(lo, hi, n=5):
     return ticks, max(0, -math.floor(math.log10(step)))
 
 
-def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300)):
+def log_ticks(lo, hi):
+    """Round tick values for a log axis over [lo, hi] (positive): 1, 2 and 5 times powers of ten
+    (or every power of ten where the range spans more than two decades), and their decimals."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    mantissas = (1,) if math.log10(hi / lo) > 2 else (1, 2, 5)
+    ticks = np.array([m * 10.0 ** k for k in decades for m in mantissas])
+    ticks = ticks[(ticks >= lo) & (ticks <= hi)]
+    return ticks, max([0] + [-math.floor(math.log10(v)) for v in ticks])
+
+
+def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300), log_x=False, log_y=False):
     """Write a line plot as SVG: real text, any scale, shown by GitHub and every browser.
     x: (n,); curves: [(y (n,), CSS colour, legend label or None, dashed)]. The legend goes under
-    the plot, one row per label, so it never hides a curve."""
+    the plot, one row per label, so it never hides a curve. log_x, log_y: logarithmic axes (the
+    values must be positive)."""
     W, H = size
     left, right, top, bottom = 64, W - 12, 12, H - 40                       # the plot box, px
     n_labels = sum(1 for _, _, label, _ in curves if label)
     H_total = H + 16 * n_labels                                             # + legend rows
+    fx, fy = (math.log10 if log_x else float), (math.log10 if log_y else float)
     ys = np.concatenate([np.asarray(y, float) for y, *_ in curves])
-    lo, hi = float(ys.min()), float(ys.max())
+    lo, hi = fy(ys.min()), fy(ys.max())
     pad = 0.05 * (hi - lo) if hi - lo > 1e-9 else 1.0
     lo, hi = lo - pad, hi + pad
-    px = lambda v: left + (v - x[0]) / (x[-1] - x[0]) * (right - left)
-    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+    x0, x1 = fx(x[0]), fx(x[-1])
+    px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (right - left)
+    py = lambda v: bottom - (fy(v) - lo) / (hi - lo) * (bottom - top)
     el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H_total}" '
           f'font-family="sans-serif" font-size="11">',
           f'<rect width="{W}" height="{H_total}" fill="white"/>']
-    ticks, dec = nice_ticks(lo, hi)
+    ticks, dec = log_ticks(10 ** lo, 10 ** hi) if log_y else nice_ticks(lo, hi)
     for v in ticks:
         el += [f'<line x1="{left}" x2="{right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#ddd"/>',
                f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{dec}f}</text>']
-    ticks, dec = nice_ticks(float(x[0]), float(x[-1]))
+    ticks, dec = (log_ticks if log_x else nice_ticks)(float(x[0]), float(x[-1]))
     for v in ticks:
         el += [f'<line x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{top}" y2="{bottom}" stroke="#ddd"/>',
                f'<text x="{px(v):.1f}" y="{bottom + 14}" text-anchor="middle">{v:.{dec}f}</text>']
@@ -2595,6 +2731,9 @@ def build_parser():
                            "(plain, and with --amp / --compile if given)")
     p.add_argument("--n-samples", type=int, default=64, help="--sample: number of images")
     p.add_argument("--eval-samples", type=int, default=1, help="--eval: (t, eps) draws per image")
+    p.add_argument("--depths", metavar="T", type=int, nargs="+",
+                   help="--eval: the T-step bpd at each of these T, DiffEnc with both --increment "
+                        "models; a table and depths.csv/.svg beside the first CKPT")
     p.add_argument("--per-t", action="store_true",
                    help="--eval: also the diffusion-loss integrand at t = 0, 0.1, ..., 1")
     p.add_argument("--sigma-p", choices=("equal", "optimal"), default="equal",
@@ -2631,6 +2770,12 @@ def main(argv=None):
             if getattr(args, name) <= 0:
                 raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got "
                                    f"{getattr(args, name)}")
+        if args.inspect and args.increment:
+            raise DiffEncError("--inspect shows the encoder, not a T-step model; drop --increment")
+        if args.depths and not (args.eval and args.T is None and not args.per_t
+                                and args.sigma_p == "equal" and min(args.depths) > 0):
+            raise DiffEncError("--depths T [T ...] is an option of --eval that sets the steps "
+                               "itself (T > 0); drop --T, --per-t and --sigma-p")
         if args.per_t and not args.eval:
             raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
         unused = [f for f in EM_FIELDS if getattr(args, f) is not None]
@@ -2650,6 +2795,8 @@ def main(argv=None):
                                "with --eval CKPT --T T or --sample CKPT")
         if args.train:
             train(config_from_args(args, args.train))
+        elif args.eval and args.depths:
+            run_depths(args.eval, args)
         elif args.eval:
             run_eval(args.eval, args)
         elif args.sample:

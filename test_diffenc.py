@@ -180,7 +180,7 @@ def toy_steps(T, schedule=SCHEDULE):
                 x_enc_s=x_enc_s, x_enc_t=x_enc_t, z_t=z_t, x_hat=x_hat)
 
 
-def toy_step_kls(T, euler_step=True, schedule=SCHEDULE):
+def toy_step_kls(T, increment="euler", schedule=SCHEDULE):
     """E[KL_i] for i = 1..T from diffenc.diffusion_loss_discrete: (T,)."""
     p = toy_steps(T, schedule)
     v_hat = (p["alpha_t"] * p["z_t"] - p["x_hat"]) / p["sigma_t"]
@@ -188,15 +188,15 @@ def toy_step_kls(T, euler_step=True, schedule=SCHEDULE):
     full = lambda a: a.expand_as(p["x"])
     kl = de.diffusion_loss_discrete(*flat(full(p["gamma_s"]), full(p["gamma_t"]),
                                           full(p["alpha_t"]), full(p["sigma_t"]),
-                                          err, p["x_enc_s"], p["x_enc_t"], p["x_hat"]), euler_step)
+                                          err, p["x_enc_s"], p["x_enc_t"], p["x_hat"]), increment)
     return kl.view(T, 4).mean(1)
 
 
-def toy_mean_gaps(T):
+def toy_mean_gaps(T, increment="euler"):
     """mu_Q - mu_P (T, 4, 1) and sigma_Q^2 (T, 1, 1) from diffenc.q_reverse / p_reverse."""
     p = toy_steps(T)
     mu_q, var_q = de.q_reverse(p["z_t"], p["x_enc_s"], p["x_enc_t"], p["gamma_s"], p["gamma_t"])
-    mu_p, var_p = de.p_reverse(p["z_t"], p["x_hat"], p["gamma_s"], p["gamma_t"], euler_step=True)
+    mu_p, var_p = de.p_reverse(p["z_t"], p["x_hat"], p["gamma_s"], p["gamma_t"], increment)
     assert torch.equal(var_p, var_q)
     return mu_q - mu_p, var_q
 
@@ -561,20 +561,73 @@ def test_fused_attention_gives_the_plain_attentions_loss_and_gradients():
 # -------------------------------------------------------------- 4. losses: discrete -> continuous
 
 
-def test_discrete_loss_converges_to_continuous_at_first_order(L_inf):
-    """[DiffEnc: diffusion loss] The T-step loss L_T tends to the continuous-time loss L_inf at
-    first order, from above: L_T = L_inf + c/T + O(1/T^2), so (L_T - L_inf)/(L_2T - L_inf) -> 2.
+@pytest.mark.parametrize("increment", ["euler", "exp"])
+def test_discrete_loss_converges_to_continuous_at_first_order(L_inf, increment):
+    """[DiffEnc: diffusion loss; --increment] The T-step loss L_T tends to the continuous-time loss
+    L_inf at first order, from above: L_T = L_inf + c/T + O(1/T^2), so (L_T - L_inf)/(L_2T -
+    L_inf) -> 2, for the Euler increment and for `exp` alike (the two agree to first order in the
+    step, so they share L_inf; only c differs).
 
     Exact expectations (toy); the ratio's deviation from 2 is O(1/T) with a constant below 10 here
     (second-order term), hence [1.9, 2.1] for T >= 1000 and a tightening between consecutive ratios.
     """
-    L = {T: float(toy_step_kls(T).sum()) for T in (1000, 2000, 4000, 8000)}
+    L = {T: float(toy_step_kls(T, increment).sum()) for T in (1000, 2000, 4000, 8000)}
     gaps = [L[T] - L_inf for T in sorted(L)]
     assert all(g > 0 for g in gaps), "L_T must approach L_inf from above"
     ratios = [a / b for a, b in zip(gaps, gaps[1:])]
     print(f"\nL_inf = {L_inf:.6f}; L_T = {L}; ratios = {ratios}")
     assert all(1.9 < r < 2.1 for r in ratios)
     assert abs(ratios[-1] - 2) < abs(ratios[0] - 2), "the ratio must approach 2 as T grows"
+
+
+def point_mass_model(increment, m):
+    """A fixed-encoder DiffEnc (x_phi = alpha^2 x) on 4x4 images whose data is the point mass x = m
+    in every pixel, with its exact denoiser: x_hat = x_phi(t) = alpha_t^2 m for every z_t."""
+    model = small_model("fixed", image=(1, 4, 4), increment=increment).eval()
+    model.score = GaussianDenoiser(m, 0.0, "fixed")
+    return model
+
+
+def point_mass_step_kls(model, T, m):
+    """KL_i of each step i = 1..T of the point-mass model (T,): _discrete at the steps' middles
+    (any eps: with an exact x_hat of a point mass the KL does not depend on it) over T."""
+    model.cfg.T = T
+    t = (torch.arange(T) + 0.5) / T
+    x = torch.full((T, 1, 4, 4), m)
+    return model._discrete(x, t, torch.randn(T, 1, 4, 4, generator=seeded(T))) / T
+
+
+def test_the_exp_increment_is_exact_for_the_fixed_encoder_and_euler_costs_one_over_T_squared():
+    """[DiffEnc: increment model, --increment] Fixed encoder, exact denoiser of a point mass x = m
+    (d = 16). The `exp` step predicts x_phi(s) - x_phi(t) = (alpha_s^2 - alpha_t^2) m exactly, so
+    every step's KL is 0 for every T (below 1e-20 nats: float64 rounding of O(1) numbers, squared;
+    Euler's largest KL_i is > 1e-6 even at T = 400). Euler's increment misses by x_hat (sigma_s^2
+    expm1(D) - sigma_t^2 D) = x_hat D^2 sigma_t^2 (1/2 - alpha_t^2) + O(D^3), D = gamma_t -
+    gamma_s = gamma'/T; with KL_i = 1/2 SNR_s ||miss||^2 / kappa, kappa = D + O(D^2), that is
+        KL_i = 1/2 D^3 alpha_t^6 sigma_t^2 (1/2 - alpha_t^2)^2 d m^2 (1 + O(1/T))   ~ 1/T^3,
+        L_T = sum_i KL_i = C / T^2 (1 + O(1/T)),
+        C = gamma'^2 / 2 d m^2 int alpha^6 sigma^2 (1/2 - alpha^2)^2 dgamma   (-13.3 to 5).
+    Checked: T^2 L_T / C and T^3 KL_i / its formula (the step that ends at t = 1/2) tend to 1,
+    their distance to 1 halving as T doubles (200, 400, 800: ratios in (1.8, 2.2)), and within
+    6% at T = 800."""
+    m, d, slope = 0.5, 16, 18.3
+    euler, exp = point_mass_model("euler", m), point_mass_model("exp", m)
+    for T in (1, 2, 5, 10, 100, 400):
+        kl_exp, kl_euler = point_mass_step_kls(exp, T, m), point_mass_step_kls(euler, T, m)
+        assert kl_exp.abs().max() < 1e-20 and kl_euler.max() > 1e-6, (T, kl_exp, kl_euler)
+    f = lambda g: (torch.sigmoid(-g) ** 3 * torch.sigmoid(g) * (0.5 - torch.sigmoid(-g)) ** 2)
+    nodes, weights = gauss_legendre(panels=400)
+    C = slope ** 2 / 2 * d * m ** 2 * slope * (f(-13.3 + slope * nodes) * weights).sum()
+    gamma_half = torch.tensor(-13.3 + slope / 2)
+    errors = {}
+    for T in (200, 400, 800):
+        kls = point_mass_step_kls(euler, T, m)
+        step_half = 0.5 * (slope / T) ** 3 * f(gamma_half) * d * m ** 2
+        errors[T] = (T ** 2 * kls.sum() / C - 1, kls[T // 2 - 1] / step_half - 1)
+    print(f"\nEuler, point mass: (T^2 L_T / C - 1, T^3 KL_i / formula - 1) = {errors}")
+    for a, b in ((200, 400), (400, 800)):
+        assert all(1.8 < ea / eb < 2.2 for ea, eb in zip(errors[a], errors[b]))
+    assert all(abs(e) < 0.06 for e in errors[800])
 
 
 def test_each_step_of_the_discrete_loss_tends_to_the_continuous_integrand_with_real_networks():
@@ -604,25 +657,31 @@ def test_each_step_of_the_discrete_loss_tends_to_the_continuous_integrand_with_r
     assert all(3 < r < 5 for pair in ratios for r in pair)
 
 
-def test_discrete_loss_equals_kl_between_reverse_processes():
+@pytest.mark.parametrize("increment", ["euler", "exp"])
+def test_discrete_loss_equals_kl_between_reverse_processes(increment):
     """[DiffEnc: reverse process] diffusion_loss_discrete (the float32-stable closed form) equals
-    ||mu_Q - mu_P||^2 / (2 sigma_Q^2) built from q_reverse and p_reverse, step by step (float64,
-    relative 1e-9: the two differ only in rounding)."""
+    ||mu_Q - mu_P||^2 / (2 sigma_Q^2) built from q_reverse and p_reverse, step by step, for both
+    increment models (float64, relative 1e-9: the two differ only in rounding), and the two
+    increments give different losses (each is really used)."""
     for T in (10, 300):
-        gap, var_q = toy_mean_gaps(T)
+        gap, var_q = toy_mean_gaps(T, increment)
         direct = (gap ** 2 / (2 * var_q)).mean(dim=(1, 2))
-        assert torch.allclose(toy_step_kls(T), direct, rtol=1e-9, atol=0)
+        assert torch.allclose(toy_step_kls(T, increment), direct, rtol=1e-9, atol=0)
+    other = {"euler": "exp", "exp": "euler"}[increment]
+    assert (toy_step_kls(10, increment) - toy_step_kls(10, other)).abs().max() > 1e-3
 
 
-def test_discrete_loss_is_T_times_the_kl_of_the_step_that_contains_t():
+@pytest.mark.parametrize("increment", ["euler", "exp"])
+def test_discrete_loss_is_T_times_the_kl_of_the_step_that_contains_t(increment):
     """[DiffEnc: diffusion loss] DiffEnc._discrete at t is T * KL(q(z_s|z_t,x) || p(z_s|z_t)) for
     the step [s, t_i) = [(i-1)/T, i/T) that contains t, and t = 1 belongs to the last step T
-    (never to a step T + 1 beyond gamma_max). The KL is built here from q_reverse, p_reverse and
-    the model's own encoder and score network (float64, randomized networks, relative 1e-9:
-    rounding), so the step index, the step count T and the Euler flag are all pinned."""
+    (never to a step T + 1 beyond gamma_max). The KL is built here from q_reverse, p_reverse (with
+    the increment given to the model by --increment) and the model's own encoder and score
+    network (float64, randomized networks, relative 1e-9: rounding), so the step index, the step
+    count T and the increment are all pinned: the bound scores the step that the sampler takes
+    (p_reverse)."""
     T, shape = 7, (1, 4, 4)
-    model = randomize(small_model(image=shape)).eval()
-    model.cfg.T = T
+    model = randomize(small_model(image=shape, increment=increment, T=T)).eval()
     t = torch.tensor([0.0, 0.2, 0.5, 0.99, 1.0])
     steps = torch.tensor([1, 2, 4, 7, 7])                     # floor(t T) + 1, and T for t = 1
     gen = torch.Generator().manual_seed(0)
@@ -640,7 +699,7 @@ def test_discrete_loss_is_T_times_the_kl_of_the_step_that_contains_t():
         z_t = alpha_t * x_enc_t + sigma_t * eps
         x_hat = de.predict_x(model.score(z_t, gamma_t), z_t, alpha_t, sigma_t, "v")
         mu_q, var_q = de.q_reverse(z_t, x_enc_s, x_enc_t, g_s, g_t)
-        mu_p, _ = de.p_reverse(z_t, x_hat, g_s, g_t, euler_step=True)
+        mu_p, _ = de.p_reverse(z_t, x_hat, g_s, g_t, increment)
     expected = T * ((mu_q - mu_p) ** 2 / (2 * var_q)).flatten(1).sum(1)
     assert torch.allclose(loss, expected, rtol=1e-9, atol=0)
     assert loss[3].item() == pytest.approx(loss[4].item(), rel=1e-12) and (expected > 1).all()
@@ -865,7 +924,7 @@ def test_elbo_is_prior_kl_plus_sum_of_step_kls(T, w):
         g_t, g_s = gammas[k - 1], gammas[k]
         x_hat = lambda z: 0.8 * de.alpha_sigma(g_t)[0] * z + 0.1 * torch.cos(2 * t[k - 1])
         q_mean = lambda z: de.q_reverse(z, x_encs[k], x_encs[k - 1], g_s, g_t)[0]
-        p_mean = lambda z: de.p_reverse(z, x_hat(z), g_s, g_t, euler_step=True)[0]
+        p_mean = lambda z: de.p_reverse(z, x_hat(z), g_s, g_t, "euler")[0]
         a_q, b_q = linear_coefficients(q_mean)
         a_p, b_p = linear_coefficients(p_mean)
         var_q = de.q_reverse(torch.tensor(0.0), x_encs[k], x_encs[k - 1], g_s, g_t)[1]
@@ -875,7 +934,7 @@ def test_elbo_is_prior_kl_plus_sum_of_step_kls(T, w):
         for e in (-1.0, 1.0):  # E over z_t ~ N(alpha_t x_t, sigma_t^2): KL_i is quadratic in z_t
             z = alpha_t * x_encs[k - 1] + sigma_t * e
             mu_q, v_q = de.q_reverse(z, x_encs[k], x_encs[k - 1], g_s, g_t)
-            mu_p, v_p = de.p_reverse(z, x_hat(z), g_s, g_t, euler_step=True)
+            mu_p, v_p = de.p_reverse(z, x_hat(z), g_s, g_t, "euler")
             step_kls += de.gaussian_kl(mu_q, v_q, mu_p, v_p / w) / 2
     mq, cq = gaussian_chain(alpha_1 * x_encs[0], sigma_1 ** 2, q_steps)
     mp, cp = gaussian_chain(torch.tensor(0.0), torch.tensor(1.0), p_steps)
@@ -1219,6 +1278,26 @@ def test_sampler_with_the_exact_denoiser_draws_the_data_distribution(encoder, mo
     assert x0.var().item() == pytest.approx(s ** 2, rel=0.03)
 
 
+def test_the_exp_sampler_draws_a_point_masss_z_0_exactly_in_three_steps(monkeypatch):
+    """[sampling; --increment] The sampler takes the step the bound scores: with the fixed encoder
+    and the exact denoiser of a point mass x = m, `exp`'s step is the true reverse step (its KL is
+    0, test above), so 3 ancestral steps draw z_0 ~ q(z_0 | x) = N(alpha_0^3 m, sigma_0^2):
+    z_0 / alpha_0 has mean alpha_0^2 m (within 4 standard errors, 500 x 16 draws) and standard
+    deviation sigma_0 / alpha_0 = e^-6.65 (within 5%). Euler's 3-step sampler is off in the mean
+    by more than 50 standard errors (measured: 0.0029 against a standard error of 1.5e-5)."""
+    m, n = 0.5, 500
+    monkeypatch.setattr(de, "decode", lambda z_0, gamma_0: z_0 / de.alpha_sigma(gamma_0)[0])
+    alpha2_0, sd = torch.sigmoid(torch.tensor(13.3)), math.exp(-6.65)
+    offsets = {}
+    for increment in ("exp", "euler"):
+        x0, _ = de.sample(point_mass_model(increment, m), n, 3, seed=0)
+        offsets[increment] = (x0.mean() - alpha2_0 * m) / (sd / math.sqrt(x0.numel()))
+        if increment == "exp":
+            assert x0.std().item() == pytest.approx(sd, rel=0.05)
+    print(f"\nmean offset of z_0 / alpha_0 in standard errors, T = 3: {offsets}")
+    assert abs(offsets["exp"]) < 4 and abs(offsets["euler"]) > 50
+
+
 def test_the_sampler_takes_each_steps_variance_and_the_optimal_one_makes_few_steps_exact(
         monkeypatch):
     """[DiffEnc: variance ratio; sampling] With T = 5 steps the generative variance matters. For
@@ -1400,6 +1479,58 @@ def test_tune_schedule_lowers_the_T_step_test_bound_with_frozen_networks(tmp_pat
     tuned_model = de.model_from_checkpoint(tuned, torch.device("cpu"))
     gamma = tuned_model.schedule(torch.linspace(0, 1, 201))
     assert (gamma.diff() >= 0).all() and tuned_model.cfg.T == 4
+
+
+def test_the_increment_flag_reaches_every_t_step_path_and_is_refused_where_nothing_reads_it(
+        tmp_path, capsys, monkeypatch, float32):
+    """[--increment] --increment exp is the step that training with --T > 0, --eval --T, --sample,
+    --sigma-p optimal and --tune-schedule use (increment_hat is recorded: exp and nothing else on
+    each path; a trained run's checkpoint keeps it), and --eval --depths evaluates a DiffEnc
+    checkpoint with both increments and the VDM once, paired, writing the CSV and a log-log SVG.
+    Refused with one line and exit 2: a VDM (no increment), the continuous-time loss (no step),
+    --inspect, and --depths beside --T."""
+    seen = []
+    increment_hat = de.increment_hat
+    monkeypatch.setattr(de, "increment_hat", lambda *a: seen.append(a[3]) or increment_hat(*a))
+    monkeypatch.setattr(de, "SIGMA_P_PAIRS", 64)
+    run = lambda *argv: de.main([str(a) for a in argv])
+    train = lambda out, *extra: run("--train", "synthetic", *TINY, "--steps", 2, "--out",
+                                    tmp_path / out, *extra)
+    ckpt, vdm = tmp_path / "run" / "latest.pt", tmp_path / "vdm" / "latest.pt"
+    small = ["--eval-images", 16, "--batch-size", 16]
+    exp = ["--increment", "exp"]
+    paths = {"train": lambda: train("exp_run", "--T", 4, *exp),
+             "eval": lambda: run("--eval", ckpt, "--T", 4, *exp, *small),
+             "sample": lambda: run("--sample", ckpt, "--sample-steps", 3, *exp, "--n-samples", 2),
+             "sigma-p": lambda: run("--eval", ckpt, "--T", 4, *exp, "--sigma-p", "optimal",
+                                    *small),
+             "tune": lambda: run("--tune-schedule", ckpt, "--T", 4, *exp, "--steps", 2, *small)}
+    train("run")
+    train("vdm", "--encoder", "none")
+    for name, call in paths.items():
+        seen.clear()
+        call()
+        assert seen and set(seen) == {"exp"}, (name, set(seen))
+    saved = de.load_checkpoint(str(tmp_path / "exp_run" / "latest.pt"))["config"]
+    assert saved["increment"] == "exp" and saved["T"] == 4
+    assert de.load_checkpoint(str(tmp_path / "run" / "tuned_T4.pt"))["config"]["increment"] == "exp"
+    seen.clear()
+    run("--eval", vdm, ckpt, "--depths", 2, 4, *small)
+    assert set(seen) == {"euler", "exp", None}                         # None: the VDM
+    assert (tmp_path / "vdm" / "depths.csv").read_text().startswith("T,vdm,se,run_euler,se,")
+    assert (tmp_path / "vdm" / "depths.svg").read_text().startswith("<svg")
+    for argv, words in (
+            (["--train", "synthetic", *TINY, "--encoder", "none", "--T", 4, "--increment", "exp",
+              "--out", tmp_path / "x1"], "drop --increment"),
+            (["--train", "synthetic", *TINY, "--increment", "exp", "--out", tmp_path / "x2"],
+             "add --T"),
+            (["--eval", vdm, "--T", 4, "--increment", "exp"], "drop --increment"),
+            (["--eval", ckpt, "--increment", "exp"], "add --T"),
+            (["--inspect", ckpt, "--increment", "exp"], "drop --increment"),
+            (["--eval", ckpt, "--depths", 2, 4, "--T", 4], "drop --T"),
+            (["--sample", ckpt, "--depths", 2], "--depths T [T ...] is an option of --eval")):
+        code, err = main_error(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
 
 
 # ----------------------------------------------------------------------- 8. the Diffusion Encoder
@@ -1858,10 +1989,10 @@ def test_at_init_the_latent_encoder_is_the_prior_and_the_bound_knows_its_rate_ex
 
 BAD_VALUES = dict(  # one value out of range for every Config field
     dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine",
-    gamma_min=-1e6, gamma_max=31.0, T=-1, size="huge", n_embd=0, n_layer=0, norm_groups=0,
-    enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5, enc_dropout=-0.1,
-    model="vae", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
-    langevin_eta=0.0, beta=0.0, lam=1.0, steps=0,
+    gamma_min=-1e6, gamma_max=31.0, T=-1, increment="rk4", size="huge", n_embd=0, n_layer=0,
+    norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5,
+    enc_dropout=-0.1, model="vae", latent_dim=65, latent_width=12, latent_steps=0,
+    langevin_steps=-1, langevin_eta=0.0, beta=0.0, lam=1.0, steps=0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, ema=1.0, seed=-1, out="",
     resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0, skip_nonfinite=1,
     sample_steps=0, amp="no", compile=None)
