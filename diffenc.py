@@ -25,7 +25,7 @@ the paper leaves implicit are written out in the docstrings, so this file stands
 How to run (every flag is a field of Config, section 9; `--help` lists them):
     pip install -r requirements.txt
     python diffenc.py --train cifar10                        # the paper's 8-block DiffEnc model
-    python diffenc.py --train mnist --size tiny --steps 300  # minutes on a laptop CPU
+    python diffenc.py --train mnist --size tiny --steps 300  # ~3 min on 2 CPU cores (README)
     python diffenc.py --eval runs/diffenc/latest.pt          # test bits/dim with standard error
     python diffenc.py --sample runs/diffenc/latest.pt        # PNG grids of samples and x_hat
     python diffenc.py --inspect runs/diffenc/latest.pt       # what the encoder does over t
@@ -795,7 +795,7 @@ def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None):
     noise = lambda: torch.randn((n, *model.image_shape), generator=g, dtype=dtype).to(device)
     z = noise()                                                                 # z_1 ~ N(0, I)
     gammas = model.schedule(torch.linspace(0, 1, T + 1, device=device, dtype=dtype))  # (T + 1,)
-    kept = {}
+    kept, t0 = {}, time.time()
     for i in range(T, 0, -1):
         gamma_t, gamma_s = gammas[i], gammas[i - 1]
         alpha_t, sigma_t = alpha_sigma(gamma_t)
@@ -806,6 +806,7 @@ def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None):
         mean, var = p_reverse(z, x_hat, gamma_s, gamma_t, model.increment)
         var = var if var_ratio is None else var * var_ratio[i - 1]
         z = mean + var.sqrt() * noise()                      # the last step is stochastic too
+        progress("sampled", T - i + 1, T, t0, "steps")
     return decode(z, gammas[0]).cpu(), kept
 
 
@@ -826,15 +827,16 @@ SIGMA_P_PAIRS = 20_000  # (training image, eps) pairs that estimate the T per-st
 
 
 @torch.no_grad()
-def optimal_variance_ratios(model, data, seed, batch_size):
+def optimal_variance_ratios(model, data, seed, batch_size, pairs=None):
     """sigma_P*^2 / sigma_Q^2 = 1 + 2 E[KL_i] / d for each step i = 1..T of model.cfg.T, with its
     standard error: (T,), (T,). Since KL_i = ||mu_Q - mu_P||^2 / (2 sigma_Q^2) at equal variances,
     this is section 4's sigma_Q^2 + E||mu_Q - mu_P||^2 / d. Each step is estimated on
-    SIGMA_P_PAIRS // T training images (in a seeded random order), each with its own eps."""
+    pairs // T training images (pairs: SIGMA_P_PAIRS unless given; --sigma-pairs) in a seeded
+    random order, each with its own eps."""
     T, d, p = model.cfg.T, math.prod(model.image_shape), next(model.parameters())
-    n = max(2, SIGMA_P_PAIRS // T)                                      # pairs per step
+    n = max(2, (pairs or SIGMA_P_PAIRS) // T)                           # pairs per step
     order = torch.randperm(len(data), generator=rng(seed, RNG["sigma_p"]))
-    kls = []
+    kls, t0 = [], time.time()
     for k0 in range(0, n * T, batch_size):
         k = torch.arange(k0, min(k0 + batch_size, n * T))              # pair k: step k // n + 1
         x = scale_pixels(data[order[k % len(data)]].to(p.device), p.dtype)  # (b, C, H, W)
@@ -842,6 +844,7 @@ def optimal_variance_ratios(model, data, seed, batch_size):
         eps, = indexed_normal(k, model.image_shape, 1, seed, RNG["sigma_p"])
         kl = model._discrete(x, t, eps.to(p.device, p.dtype)) / T      # KL_i (b,), nats
         kls.append(kl.double().cpu())
+        progress("sigma_P* estimated on", int(k[-1]) + 1, n * T, t0, "pairs")
     kl = torch.cat(kls).view(T, n)
     return 1 + 2 * kl.mean(1) / d, 2 * kl.std(1) / math.sqrt(n) / d
 
@@ -874,7 +877,7 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
     for p in shape:
         p.requires_grad_(True)
     opt = torch.optim.Adam(shape, lr=lr)
-    device, dtype, losses = model.schedule.b.device, model.schedule.b.dtype, []
+    device, dtype, losses, t0 = model.schedule.b.device, model.schedule.b.dtype, [], time.time()
     for step in range(steps):
         x_int = data[batch_indices(len(data), batch_size, step, seed)].to(device)  # (B, C, H, W)
         noise = draw_noise(seed, step, batch_size, model.image_shape)
@@ -885,6 +888,7 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        progress("tuned the schedule", step + 1, steps, t0, "steps")
     return model.requires_grad_(False), losses
 
 
@@ -1333,14 +1337,40 @@ RNG = dict(order=1, train_noise=2, sample=3, dropout=4, eval_noise=5, bench=6, s
 
 
 def download(url, path):
-    """Fetch url to path through path.part, so an interrupted download never looks complete."""
+    """Fetch url to path through a temporary file, so an interrupted download never looks
+    complete. Raises OSError (urllib's errors are OSErrors) when it cannot."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            atomic_write(path, lambda f: f.write(r.read()))
-    except OSError as e:
-        raise DiffEncError(f"cannot download {url} ({getattr(e, 'reason', e)}); download it by "
-                           f"hand and place it at {os.path.abspath(path)}") from None
+    with urllib.request.urlopen(url, timeout=60) as r:
+        atomic_write(path, lambda f: f.write(r.read()))
+
+
+def data_files(name, data_dir, splits=("train", "test")):
+    """The files that data set `name` needs for these splits, as (url, the path a download
+    writes, the names accepted in data_dir: MNIST's idx files compressed or not)."""
+    if name == "mnist":
+        return [(f"{MNIST_URL}{f}.gz", os.path.join(data_dir, f"{f}.gz"), (f, f"{f}.gz"))
+                for f, _ in (MNIST_FILES[split] for split in splits)]
+    if name == "cifar10":
+        path = os.path.join(data_dir, os.path.basename(CIFAR10_URL))
+        return [(CIFAR10_URL, path, (os.path.basename(path),))]
+    return []
+
+
+def fetch_missing(name, data_dir, splits):
+    """Download every file of data set `name` for these splits that data_dir lacks. If any cannot
+    be fetched (no network), one DiffEncError lists all of them, each with its URL and the place
+    to put it, so that one failed run tells the whole fix (training asks for both splits first)."""
+    failed = []
+    for url, path, names in data_files(name, data_dir, splits):
+        if not any(os.path.exists(os.path.join(data_dir, n)) for n in names):
+            try:
+                download(url, path)
+            except OSError as e:
+                failed.append((url, path, getattr(e, "reason", e)))
+    if failed:
+        places = "; ".join(f"{url} -> {os.path.abspath(path)}" for url, path, _ in failed)
+        raise DiffEncError(f"cannot download {name} ({failed[0][2]}): download these "
+                           f"{len(failed)} file(s) by hand and place them: {places}")
 
 
 def md5(data):
@@ -1350,10 +1380,7 @@ def md5(data):
 def load_mnist(data_dir, split):
     name, want = MNIST_FILES[split]
     candidates = (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz"))
-    path = next((p for p in candidates if os.path.exists(p)), None)
-    if path is None:
-        path = os.path.join(data_dir, name + ".gz")
-        download(MNIST_URL + name + ".gz", path)
+    path = next(p for p in candidates if os.path.exists(p))     # fetch_missing put one there
     try:
         raw = open(path, "rb").read()
         raw = gzip.decompress(raw) if path.endswith(".gz") else raw
@@ -1369,9 +1396,7 @@ def load_mnist(data_dir, split):
 
 
 def load_cifar10(data_dir, split):
-    path = os.path.join(data_dir, "cifar-10-python.tar.gz")
-    if not os.path.exists(path):
-        download(CIFAR10_URL, path)
+    path = os.path.join(data_dir, "cifar-10-python.tar.gz")     # fetch_missing put it there
     if md5(open(path, "rb").read()) != CIFAR10_MD5:
         raise DiffEncError(f"{path} does not have the official md5 {CIFAR10_MD5}: a corrupt or "
                            f"truncated download; delete it and run again, or place the official "
@@ -1407,6 +1432,7 @@ IMAGE_SHAPES = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "synthetic": (1, 1
 def load_dataset(name, data_dir, split):
     if name not in DATASETS:
         raise DiffEncError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
+    fetch_missing(name, data_dir, (split,))
     return DATASETS[name](data_dir, split)
 
 
@@ -1544,9 +1570,11 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise DiffEncError(f"{path} is not a diffenc checkpoint of format {CKPT_FORMAT}; pass a "
                            f"latest.pt or best.pt written by this diffenc.py")
-    if ckpt.pop("sha256", None) != content_digest(ckpt):
+    digest = ckpt.pop("sha256", None)
+    if digest != content_digest(ckpt):
         raise DiffEncError(f"{path} is corrupt: its content does not match the digest saved with "
                            f"it; use another checkpoint of the run (e.g. best.pt)")
+    ckpt["sha256"] = digest  # what the checkpoint is, for results saved from it (sigma_p_estimate)
     try:  # the settings it holds obey the same rules as flags (a digest proves no more than intact)
         validate(Config(**ckpt["config"]))
     except (TypeError, DiffEncError) as e:
@@ -1564,6 +1592,24 @@ def check_compatible(saved, cfg, path):
             raise DiffEncError(f"{path} was trained with --{flag} {value}, but this run "
                                f"has --{flag} {getattr(cfg, name)}; use the same value or a new "
                                f"--out")
+
+
+# Settings that only say where and how often to write: a resume may change them without a word.
+BOOKKEEPING_FIELDS = ("out", "resume", "data_dir", "log_every", "eval_every", "eval_images",
+                      "save_every")
+
+
+def report_changed_settings(saved, cfg):
+    """--resume with settings that differ from the checkpoint's run (the model's own are refused
+    by check_compatible): one line naming each, old and new, and which value the run uses (the
+    new one: the flags given now, or their defaults)."""
+    changed = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} (was {saved[f.name]})"
+               for f in dataclasses.fields(cfg)
+               if f.name not in MODEL_FIELDS + BOOKKEEPING_FIELDS and f.name in saved
+               and saved[f.name] != getattr(cfg, f.name)]
+    if changed:
+        print(f"diffenc: --resume with settings other than the checkpoint's; this run uses "
+              f"{', '.join(changed)}", flush=True)
 
 
 def model_from_checkpoint(ckpt, device, weights="ema", T=None, increment=None):
@@ -1790,6 +1836,7 @@ def train(cfg):
     if cfg.model == "em" and world > 1:
         raise DiffEncError("--model em trains in one process (its E-step is not data-parallel); "
                            "run it without torchrun")
+    fetch_missing(cfg.dataset, cfg.data_dir, ("train", "test"))  # one message names every file
     data = load_dataset(cfg.dataset, cfg.data_dir, "train")                   # (N, C, H, W) uint8
     test = load_dataset(cfg.dataset, cfg.data_dir, "test")
     if len(data) < cfg.batch_size:
@@ -1812,9 +1859,13 @@ def train(cfg):
         if cfg.resume:
             ckpt = load_checkpoint(latest)
             check_compatible(ckpt["config"], cfg, latest)
+            if rank == 0:
+                report_changed_settings(ckpt["config"], cfg)
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["opt"])
+            for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
+                group["weight_decay"] = decay  # this run's value, not the one the state restored
             step, best, saved = ckpt["step"], ckpt["best_bpd"], ckpt["step"]
             window, n_window = ckpt["window"], ckpt["n_window"]
         if cfg.compile:
@@ -1925,6 +1976,27 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+SHOW_PROGRESS = False  # main() turns it on for --eval, --sample, --inspect and --tune-schedule
+
+
+def progress(what, done, total, t0, unit):
+    """The progress of a long phase (evaluation, sampling, the sigma_P* estimate, tuning) on
+    stdout: on a terminal one line that updates in place (done / total, rate, ETA), so that a long
+    wait is never mistaken for a hang; in a log or a pipe only the final line. Training has its
+    own progress line (write_log_row), so this is off unless SHOW_PROGRESS."""
+    if not SHOW_PROGRESS:
+        return
+    tty, elapsed = sys.stdout.isatty(), max(time.time() - t0, 1e-9)
+    if done >= total:
+        start = "\r" if tty else ""
+        print(f"{start}  {what}: {total} {unit} in {format_seconds(elapsed)} "
+              f"({total / elapsed:.1f} {unit}/s)" + " " * 12, flush=True)
+    elif tty:
+        eta = (total - done) * elapsed / done if done else math.inf
+        print(f"\r  {what}: {done}/{total} {unit} | {done / elapsed:.1f} {unit}/s | ETA "
+              f"{format_seconds(eta)}   ", end="", flush=True)
+
+
 # -------------------------------------------------------------------------------------------------
 # 12. Evaluation, sampling and figures
 #
@@ -1942,11 +2014,12 @@ def per_image(model, data, batch_size, n_images, samples, columns):
     """
     p = next(model.parameters())
     N = min(n_images or len(data), len(data))
-    rows = []
+    rows, t0 = [], time.time()
     for b0 in range(0, N, batch_size):
         idx = torch.arange(b0, min(b0 + batch_size, N))                 # (b,) test-set indices
         x = data[idx].to(p.device)                                      # (b, C, H, W) uint8
         rows.append(sum(columns(idx, x, k).double().cpu() for k in range(samples)) / samples)
+        progress("evaluated", int(idx[-1]) + 1, N, t0, "images")
     return bits_per_dim([torch.cat(rows)], model.image_shape)
 
 
@@ -2064,7 +2137,7 @@ def run_eval(ckpt_paths, args):
             print(f"  minus {ckpt_paths[0]}: {d.mean():+.4f} ± {se(d):.4f} bpd (paired: same "
                   f"images, t and eps)")
         if args.sigma_p == "optimal":
-            report_optimal_variances(model, bpd, run, path, args)
+            report_optimal_variances(model, bpd, run, path, args, ckpt)
         if args.per_t:  # the integrand at fixed t; the diffusion term is its integral over t
             curves.append(torch.stack([run(float(t))[:, 0] for t in PER_T], 1))   # (N, 11) bpd
     if not curves:
@@ -2228,20 +2301,46 @@ def plot_em_log(ckpt_path):
           f"curves from {path}")
 
 
-def report_optimal_variances(model, bpd, run, path, args):
+def sigma_p_estimate(model, ckpt, path, args):
+    """optimal_variance_ratios for --eval and --sample --sigma-p optimal, with the number of pairs
+    it used. Saved beside the checkpoint (latest_sigma_p_T10.pt for latest.pt and T = 10) with
+    what it depends on (the checkpoint's digest, T, the increment, the pairs, the seed); a later
+    --eval or --sample that asks for the same reads it instead of estimating again. (The batch
+    size is not part of the key: it changes the estimate by float rounding only.)"""
+    cfg = model.cfg
+    pairs = max(2, (args.sigma_pairs or SIGMA_P_PAIRS) // cfg.T) * cfg.T
+    key = dict(sha256=ckpt["sha256"], T=cfg.T, increment=model.increment, pairs=pairs,
+               seed=args.seed or 0)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    cache = os.path.join(os.path.dirname(path) or ".", f"{stem}_sigma_p_T{cfg.T}.pt")
+    if os.path.isfile(cache):
+        try:
+            saved = torch.load(cache, weights_only=True)
+        except Exception:  # a truncated or foreign file: estimate again and replace it
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
+            print(f"  sigma_P* per step read from {cache} ({pairs} training pairs; estimated "
+                  f"earlier for this checkpoint, T and increment)")
+            return saved["ratio"], saved["se"], pairs
+    train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
+    batch_size = args.batch_size or cfg.batch_size
+    ratio, ratio_se = optimal_variance_ratios(model, train_data, args.seed or 0, batch_size, pairs)
+    atomic_write(cache, lambda f: torch.save(dict(key=key, ratio=ratio, se=ratio_se), f))
+    return ratio, ratio_se, pairs
+
+
+def report_optimal_variances(model, bpd, run, path, args, ckpt):
     """--eval --T T --sigma-p optimal: estimate sigma_P* per step on the training split, evaluate
     the T-step ELBO with it on the same test images, t and eps as `bpd` (sigma_P = sigma_Q), print
     both and their paired difference, and write sigma_P*/sigma_Q per step (CSV and plot)."""
-    cfg, T = model.cfg, model.cfg.T
-    train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
-    batch_size = args.batch_size or cfg.batch_size
-    ratio, ratio_se = optimal_variance_ratios(model, train_data, args.seed or 0, batch_size)
+    T = model.cfg.T
+    ratio, ratio_se, pairs = sigma_p_estimate(model, ckpt, path, args)
     optimal = run(None, ratio).sum(1)
     equal = bpd.sum(1)
     diff = optimal - equal
     se = std_err
     print(f"  {T}-step ELBO, sigma_P = sigma_Q: {equal.mean():.4f} ± {se(equal):.4f}; optimal "
-          f"sigma_P per step (from {SIGMA_P_PAIRS // T * T} training pairs): "
+          f"sigma_P per step (from {pairs} training pairs): "
           f"{optimal.mean():.4f} ± {se(optimal):.4f}; optimal minus equal: {diff.mean():+.5f} ± "
           f"{se(diff):.5f} bpd (paired)")
     prefix = os.path.join(os.path.dirname(path) or ".", f"sigma_p_T{T}")
@@ -2312,9 +2411,7 @@ def run_sample(ckpt_path, args):
         return sample_em(model, ckpt, ckpt_path, T, args)
     ratio = None
     if args.sigma_p == "optimal":
-        train_data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "train")
-        batch_size = args.batch_size or cfg.batch_size
-        ratio, _ = optimal_variance_ratios(model, train_data, args.seed or 0, batch_size)
+        ratio, _, _ = sigma_p_estimate(model, ckpt, ckpt_path, args)
     steps = [max(1, round(t * T)) for t in SAMPLE_TS]
     x, kept = sample(model, args.n_samples, T, args.seed or 0, keep=steps, var_ratio=ratio)
     name = f"samples_step{ckpt['step']}_T{T}" + ("_optimal_sigma" if ratio is not None else "")
@@ -2528,8 +2625,12 @@ def run_inspect(ckpt_path, args):
     write_panels(f"{prefix}_rate.png", rate_maps, len(RATE_TS))
 
     xs = scale_pixels(data[:args.batch_size or cfg.batch_size].to(device))  # (B, C, H, W)
-    stats = np.array([[v.item() for v in (e.min(), e.mean(), e.max())]
-                      for e in (encoder_at(model, xs, t)[0] for t in RANGE_TS)])  # (101, 3)
+    stats, t0 = [], time.time()
+    for k, t in enumerate(RANGE_TS):
+        e = encoder_at(model, xs, t)[0]
+        stats.append([v.item() for v in (e.min(), e.mean(), e.max())])
+        progress("x_phi's range at", k + 1, len(RANGE_TS), t0, "times t")
+    stats = np.array(stats)                                            # (101, 3)
     write_csv(f"{prefix}_range.csv", "t,min,mean,max",
               [[f"{t:.2f}"] + [repr(v) for v in row] for t, row in zip(RANGE_TS, stats.tolist())])
     svg_plot(f"{prefix}_range.svg", RANGE_TS, [(v, c, n, False) for v, c, n in zip(
@@ -2714,7 +2815,8 @@ def bench(cfg, rounds=10, warmup=2, sample_batch=16):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="diffenc.py", description="DiffEnc (arXiv 2310.19789): "
-                                "train, evaluate, sample, inspect, benchmark.")
+                                "train, evaluate, sample, inspect, benchmark.",
+                                allow_abbrev=False)  # given_options reads the flags as typed
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", metavar="DATASET", help="train on cifar10 | mnist | synthetic")
     mode.add_argument("--eval", metavar="CKPT", nargs="+",
@@ -2734,6 +2836,9 @@ def build_parser():
     p.add_argument("--depths", metavar="T", type=int, nargs="+",
                    help="--eval: the T-step bpd at each of these T, DiffEnc with both --increment "
                         "models; a table and depths.csv/.svg beside the first CKPT")
+    p.add_argument("--sigma-pairs", metavar="N", type=int,
+                   help=f"--sigma-p optimal: (training image, eps) pairs that estimate the T "
+                        f"per-step variances (default {SIGMA_P_PAIRS:,}; saved for reuse)")
     p.add_argument("--per-t", action="store_true",
                    help="--eval: also the diffusion-loss integrand at t = 0, 0.1, ..., 1")
     p.add_argument("--sigma-p", choices=("equal", "optimal"), default="equal",
@@ -2750,6 +2855,30 @@ def build_parser():
     return p
 
 
+# What each mode reads besides its checkpoint (or data set): any other option would do nothing
+# there, so main() refuses it with one line instead of ignoring it. --train reads every setting;
+# --bench every setting of the networks and of a training step (it times both encoders itself).
+CHECKPOINT_READS = ("data_dir", "batch_size", "seed", "T", "increment", "latent_steps")
+MODE_READS = dict(
+    train={f.name for f in dataclasses.fields(Config)},
+    bench={f.name for f in dataclasses.fields(Config)} - {
+        "encoder", "out", "resume", "data_dir", "log_every", "eval_every", "eval_images",
+        "save_every", "skip_nonfinite", "sample_steps", "steps"},
+    eval={*CHECKPOINT_READS, "eval_images", "eval_samples", "per_t", "sigma_p", "sigma_pairs",
+          "depths"},
+    sample={*CHECKPOINT_READS, "sample_steps", "n_samples", "sigma_p", "sigma_pairs"},
+    inspect={"data_dir", "batch_size"},
+    tune_schedule={*CHECKPOINT_READS, "eval_images", "eval_samples", "steps", "lr"} - {
+        "latent_steps"},
+)
+
+
+def given_options(parser, argv):
+    """The dest of every option that argv names (as typed: abbreviations are off)."""
+    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {a.dest for a in parser._actions if typed & set(a.option_strings)}
+
+
 def config_from_args(args, dataset):
     size = args.size or Config.size
     values = {**PRESETS[size], "size": size, "dataset": dataset}
@@ -2761,11 +2890,19 @@ def config_from_args(args, dataset):
 def main(argv=None):
     if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
-    args = build_parser().parse_args(argv)
+    parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    global SHOW_PROGRESS
+    SHOW_PROGRESS = bool(args.eval or args.sample or args.inspect or args.tune_schedule)
     try:
         for f in dataclasses.fields(Config):  # every flag given, in every mode, by the same rules
             if getattr(args, f.name, None) is not None:
                 check_field(f.name, getattr(args, f.name))
+        if args.sigma_pairs is not None and args.sigma_pairs < 2:
+            raise DiffEncError(f"--sigma-pairs must be at least 2, got {args.sigma_pairs}")
+        if args.sigma_pairs is not None and args.sigma_p != "optimal":
+            raise DiffEncError("--sigma-pairs sizes the estimate of --sigma-p optimal; add "
+                               "--sigma-p optimal or drop --sigma-pairs")
         for name in ("n_samples", "eval_samples"):
             if getattr(args, name) <= 0:
                 raise DiffEncError(f"--{name.replace('_', '-')} must be positive, got "
@@ -2793,6 +2930,14 @@ def main(argv=None):
         if args.sigma_p == "optimal" and not ((args.eval and args.T) or args.sample):
             raise DiffEncError("--sigma-p optimal sets the variance of each of T steps; use it "
                                "with --eval CKPT --T T or --sample CKPT")
+        mode = next(m for m in MODE_READS if getattr(args, m))
+        ignored = sorted(given_options(parser, argv) - MODE_READS[mode] - set(MODE_READS))
+        if ignored:
+            flag = lambda name: "--" + name.replace("_", "-")
+            reads = ", ".join(sorted(flag(o) for o in MODE_READS[mode]))
+            what = "" if mode in ("train", "bench") else f" (it reads {reads})"
+            raise DiffEncError(f"{flag(ignored[0])} means nothing to {flag(mode)}{what}; drop "
+                               f"{flag(ignored[0])}")
         if args.train:
             train(config_from_args(args, args.train))
         elif args.eval and args.depths:
@@ -2817,6 +2962,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C before training installed its handler, or in --eval/--sample
         print("diffenc: interrupted; nothing was written that is not complete", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        SHOW_PROGRESS = False
 
 
 if __name__ == "__main__":

@@ -1458,6 +1458,33 @@ def test_the_per_step_optimal_variance_estimate_is_its_closed_form_step_by_step(
     assert (expected - 1).max() / (expected - 1).min() > 10
 
 
+def test_the_sigma_p_estimate_is_sized_by_its_flag_saved_and_reused_by_sample(tmp_path, capsys,
+                                                                             monkeypatch):
+    """[finite depth; usability] --sigma-pairs N sizes the sigma_P* estimate (N // T pairs per
+    step); --eval saves it beside the checkpoint, and --sample --sigma-p optimal of the same
+    checkpoint, T and pairs reads it instead of estimating again (optimal_variance_ratios is not
+    called), while other pairs or another T estimate anew. --sigma-pairs without --sigma-p
+    optimal is refused."""
+    calls = []
+    estimate = de.optimal_variance_ratios
+    monkeypatch.setattr(de, "optimal_variance_ratios",
+                        lambda *a, **k: calls.append(a[4]) or estimate(*a, **k))
+    model = randomize(small_model("learned", image=(1, 16, 16), dataset="synthetic"))
+    ckpt = str(save_model(model, tmp_path / "m.pt"))
+    run = lambda *argv: de.main([str(a) for a in argv])
+    run("--eval", ckpt, "--T", 4, "--sigma-p", "optimal", "--sigma-pairs", 64, "--eval-images",
+        16, "--batch-size", 16)
+    assert calls == [64] and "from 64 training pairs" in capsys.readouterr().out
+    assert (tmp_path / "m_sigma_p_T4.pt").exists()
+    run("--sample", ckpt, "--T", 4, "--sigma-p", "optimal", "--sigma-pairs", 64, "--n-samples", 2)
+    assert calls == [64] and "read from" in capsys.readouterr().out
+    run("--sample", ckpt, "--T", 4, "--sigma-p", "optimal", "--sigma-pairs", 128, "--n-samples", 2)
+    run("--sample", ckpt, "--T", 2, "--sigma-p", "optimal", "--sigma-pairs", 64, "--n-samples", 2)
+    assert calls == [64, 128, 64]
+    code, err = main_error(capsys, "--sample", ckpt, "--sigma-pairs", 64)
+    assert code == 2 and "add --sigma-p optimal" in err
+
+
 def test_tune_schedule_lowers_the_T_step_test_bound_with_frozen_networks(tmp_path, capsys, float32):
     """[DiffEnc: optimizing the noise schedule for inference] --tune-schedule CKPT --T 4 tunes only
     the schedule's shape (the networks and gamma's endpoints are unchanged, the schedule stays
@@ -2070,18 +2097,32 @@ def test_cifar10_loader_reads_the_official_archive_layout(tmp_path, monkeypatch)
         de.load_dataset("cifar10", str(tmp_path), "train")
 
 
-def test_missing_files_without_network_name_the_file_and_the_folder(tmp_path, monkeypatch):
-    """[data] With no file and no network, the error says which file to place where, and no
-    partial file is left behind to be mistaken for a download."""
+def test_missing_files_without_network_name_every_file_its_url_and_place(tmp_path, monkeypatch,
+                                                                        capsys):
+    """[data] With no file and no network, one error (one line) lists every missing file that is
+    needed, each with its URL and the path to place it at: a split's own file(s) for --eval, and
+    for training both splits' (MNIST's training and test images) in one message; files already
+    there are not listed, and no partial file is left behind to be mistaken for a download."""
     def offline(*a, **k):
         raise urllib.error.URLError("network is unreachable")
     monkeypatch.setattr(de.urllib.request, "urlopen", offline)
-    for name, expected in (("mnist", "train-images-idx3-ubyte.gz"),
-                           ("cifar10", "cifar-10-python.tar.gz")):
-        with pytest.raises(de.DiffEncError, match=expected) as e:
-            de.load_dataset(name, str(tmp_path), "train")
-        assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    url = lambda name, f: f"{de.data_files(name, '')[0][0].rsplit('/', 1)[0]}/{f} -> {tmp_path / f}"
+    mnist = ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"]
+    for name, split, expected in (("mnist", "train", mnist[:1]), ("mnist", "test", mnist[1:]),
+                                  ("cifar10", "train", ["cifar-10-python.tar.gz"])):
+        with pytest.raises(de.DiffEncError) as e:
+            de.load_dataset(name, str(tmp_path), split)
+        message = str(e.value)
+        assert "\n" not in message and f"{len(expected)} file(s)" in message, message
+        assert all(url(name, f) in message for f in expected), message
+    code, err = main_error(capsys, "--train", "mnist", *TINY, "--data-dir", tmp_path, "--out",
+                           tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1 and all(url("mnist", f) in err for f in mnist)
     assert os.listdir(tmp_path) == []
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"")                 # one of them is there
+    code, err = main_error(capsys, "--train", "mnist", *TINY, "--data-dir", tmp_path, "--out",
+                           tmp_path / "run")
+    assert code == 2 and "1 file(s)" in err and "t10k" not in err, err
 
 
 def test_batches_cover_each_epoch_once_and_differ_between_epochs():
@@ -2522,6 +2563,27 @@ def test_a_corrupt_log_is_cut_to_its_good_rows_and_a_log_or_lock_that_is_a_folde
         os.replace(tmp_path / name, out / name)
 
 
+def test_a_resume_that_changes_a_setting_says_so_and_uses_the_new_value(tmp_path, capsys, float32):
+    """[usability] --resume with an optimisation setting other than the checkpoint's run (here
+    --lr left at its default after a run at 1e-3, and --weight-decay 0.05) prints one line naming
+    each, old and new, and the run uses the new values, weight decay included (AdamW's restored
+    state would otherwise keep the old one silently). The same command plus --resume says nothing."""
+    out = tmp_path / "run"
+    run = lambda *extra: de.main(["--train", "synthetic", *map(str, TINY), "--steps", "2",
+                                  "--out", str(out), *map(str, extra)])
+    run("--lr", 1e-3)
+    capsys.readouterr()
+    run("--lr", 1e-3, "--steps", 2, "--resume")
+    assert "settings other than" not in capsys.readouterr().out
+    run("--weight-decay", 0.05, "--steps", 3, "--resume")
+    note = [l for l in capsys.readouterr().out.splitlines() if "settings other than" in l]
+    assert len(note) == 1 and "--lr 0.0002 (was 0.001)" in note[0], note
+    assert "--weight-decay 0.05 (was 0.01)" in note[0] and "--steps 3 (was 2)" in note[0]
+    groups = de.load_checkpoint(str(out / "latest.pt"))["opt"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert groups[0]["lr"] == pytest.approx(2e-4 * 3 / 100)                  # warm-up, new lr
+
+
 # --------------------------------------------------------------------- 12. evaluation and figures
 
 
@@ -2842,7 +2904,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
                                                                  float32):
     """[robustness] Each bad input ends with exit code 2 and exactly one line on stderr that says
     what is wrong and what to do, in every mode (--train, --eval, --sample), and nothing is
-    overwritten or created: a --resume of a missing folder does not create it."""
+    overwritten or created: a --resume of a missing folder does not create it. An option that the
+    mode does not read (--out for --eval, --T for --inspect, ...) is refused, not ignored."""
     offline = lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline"))
     monkeypatch.setattr(de.urllib.request, "urlopen", offline)
     run = tmp_path / "run"
@@ -2889,6 +2952,12 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         (["--train", "synthetic", *base, "--out", a_file / "sub"], "writable"),
         (["--inspect", vdm / "latest.pt"], "--encoder learned"),
         (["--sample", run / "latest.pt", "--per-t"], "--per-t is an option of --eval"),
+        (["--eval", run / "latest.pt", "--out", tmp_path / "o5"], "--out means nothing to --eval"),
+        (["--inspect", run / "latest.pt", "--T", 5], "--T means nothing to --inspect"),
+        (["--sample", run / "latest.pt", "--eval-images", 5], "drop --eval-images"),
+        (["--tune-schedule", run / "latest.pt", "--T", 4, "--n-samples", 5], "drop --n-samples"),
+        (["--train", "synthetic", *base, "--n-samples", 4], "--n-samples means nothing to"),
+        (["--bench", "synthetic", "--steps", 3], "--steps means nothing to --bench"),
     ]
     before = (run / "latest.pt").read_bytes()
     for argv, words in cases:
@@ -2944,6 +3013,60 @@ def test_ctrl_c_while_torch_loads_prints_one_line_and_exits_130(tmp_path):
     if proc.returncode == 2 and "no checkpoint" in err:  # this process was descheduled too long
         pytest.skip("the signal arrived after start-up had ended (a loaded machine); not tested")
     assert proc.returncode == 130 and err.count("\n") == 1 and "while starting" in err, err
+
+
+def test_long_phases_show_progress_on_a_terminal_and_a_final_line_in_a_log(tmp_path, capsys,
+                                                                          monkeypatch):
+    """[usability] --eval and --sample report their progress on stdout: in a log (stdout not a
+    terminal) one final line per phase (images or steps, time, rate) and nothing that rewrites a
+    line; on a terminal also lines that update in place ("\\r", done / total, ETA)."""
+    model = small_model("learned", image=(1, 16, 16), dataset="synthetic")
+    ckpt = str(save_model(model, tmp_path / "m.pt"))
+    evaluate = ["--eval", ckpt, "--eval-images", "16", "--batch-size", "4"]
+    de.main(evaluate)
+    out = capsys.readouterr().out
+    assert out.count("evaluated: 16 images in") == 1 and "\r" not in out, out
+    de.main(["--sample", ckpt, "--sample-steps", "3", "--n-samples", "2"])
+    assert "sampled: 3 steps in" in capsys.readouterr().out
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    de.main(evaluate)
+    out = capsys.readouterr().out
+    assert "\r  evaluated: 4/16 images" in out and "ETA" in out and "16 images in" in out
+
+
+def readme_use_block():
+    """The commands of the README's Use block (the first code block after '## Use'), as argv
+    lists of `python diffenc.py` lines, comments dropped."""
+    import shlex
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    block = text.split("\n## Use\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines()]
+    return [words[2:] for words in lines if words[:2] == ["python", "diffenc.py"]]
+
+
+def test_the_readme_use_block_runs_top_to_bottom():
+    """[usability] Every line of the README's Use block parses as diffenc.py's command line, and
+    every checkpoint a line reads (--eval, --sample, --inspect, --tune-schedule, --resume) is
+    written by an earlier line: --train writes OUT/latest.pt and best.pt (OUT: --out, default
+    runs/diffenc), --tune-schedule CKPT --T T writes tuned_T{T}.pt beside CKPT. (The README
+    before this test failed here: its lines evaluated runs/vdm and runs/em, which no line wrote.)
+    """
+    parser, written, commands = de.build_parser(), set(), readme_use_block()
+    assert len(commands) >= 10
+    for argv in commands:
+        args = parser.parse_args(argv)
+        reads = list(args.eval or []) + [c for c in (args.sample, args.inspect, args.tune_schedule)
+                                         if c]
+        out = os.path.normpath(args.out or de.Config.out)
+        if args.train and args.resume:
+            reads.append(os.path.join(out, "latest.pt"))
+        missing = [r for r in reads if os.path.normpath(r) not in written]
+        assert not missing, f"{' '.join(argv)} reads {missing}, which no earlier line writes"
+        if args.train:
+            written |= {os.path.join(out, name) for name in ("latest.pt", "best.pt")}
+        if args.tune_schedule:
+            written.add(os.path.join(os.path.dirname(os.path.normpath(args.tune_schedule)),
+                                     f"tuned_T{args.T}.pt"))
 
 
 def test_bad_input_prints_no_traceback_from_the_command_line(tmp_path):
