@@ -2192,8 +2192,8 @@ def run_depths(ckpt_paths, args):
                                f"--depths takes diffenc checkpoints")
         refuse_latent_steps(cfg, path, args)
         data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")
-        increments = [None] if cfg.encoder == "none" else [args.increment] if args.increment \
-            else ["euler", "exp"]
+        given = checkpoint_increment(cfg, path, args, min(args.depths))  # refused for a VDM
+        increments = [None] if cfg.encoder == "none" else [given] if given else ["euler", "exp"]
         batch_size, seed = args.batch_size or cfg.batch_size, args.seed or 0
         for increment in increments:
             rows = []

@@ -1555,6 +1555,7 @@ def test_the_increment_flag_reaches_every_t_step_path_and_is_refused_where_nothi
             (["--eval", ckpt, "--increment", "exp"], "add --T"),
             (["--inspect", ckpt, "--increment", "exp"], "drop --increment"),
             (["--eval", ckpt, "--depths", 2, 4, "--T", 4], "drop --T"),
+            (["--eval", vdm, "--depths", 2, "--increment", "exp"], "drop --increment"),
             (["--sample", ckpt, "--depths", 2], "--depths T [T ...] is an option of --eval")):
         code, err = main_error(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
