@@ -331,12 +331,17 @@ def lecun_init(module):
 
 class ScoreUNet(nn.Module):
     """VDM's score network: (z_t (B, C, H, W), gamma_t (B,)) -> v_hat or eps_hat (B, C, H, W);
-    with --model em also given cond, the latent z (B, d) that the decoder is conditioned on."""
+    with --model em also given cond, the latent z (B, d) that the decoder is conditioned on.
+    Its output is added to z_t, VDM's "base measure" [official code], except for --param
+    v-nobase: the same function class and loss at equal outputs, but at initialisation (the last
+    conv is zero) v_hat = 0, the target's mean, instead of z_t, which at low noise is about x and
+    far from v = alpha eps - sigma x; it starts closer and learns faster early (README)."""
 
     def __init__(self, cfg, channels):
         super().__init__()
         n, groups = cfg.n_embd, cfg.norm_groups  # GroupNorm(32) [VDM]
         self.gamma_min, self.gamma_max, self.n = cfg.gamma_min, cfg.gamma_max, n
+        self.param = cfg.param
         self.temb = time_mlp(n)
         self.conv_in = nn.Conv2d(5 * channels, n, 3, padding=1)  # z + 4 Fourier channels each
         block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout)
@@ -363,7 +368,8 @@ class ScoreUNet(nn.Module):
         h = self.mid2(self.attn(self.mid1(hs[-1], temb)), temb)
         for blk in self.up:
             h = blk(torch.cat([h, hs.pop()], dim=1), temb)                   # (B, n, H, W)
-        return self.conv_out(F.silu(self.norm_out(h))) + z                   # base measure: + z
+        out = self.conv_out(F.silu(self.norm_out(h)))                        # (B, C, H, W)
+        return out if self.param == "v-nobase" else out + z              # base measure: + z
 
 
 class EncoderUNet(nn.Module):
@@ -459,7 +465,7 @@ class EncoderUNet(nn.Module):
 
 def predict_x(out, z, alpha, sigma, param):
     """x_hat from the network's output: alpha z - sigma v_hat, or (z - sigma eps_hat) / alpha."""
-    return alpha * z - sigma * out if param == "v" else (z - sigma * out) / alpha
+    return (z - sigma * out) / alpha if param == "eps" else alpha * z - sigma * out
 
 
 def scaled_error(out, eps, x_enc, alpha, sigma, param):
@@ -1159,8 +1165,10 @@ class Config:
                            ("cifar10", "mnist", "synthetic"))
     encoder: str = setting("learned", "none: VDM (x_phi = x); fixed: x_phi = alpha^2 x; "
                            "learned: DiffEnc", ("none", "fixed", "learned"))
-    param: str = setting("v", "the score network predicts v (the paper's choice) or eps (learns "
-                         "faster at small lr; see README)", ("v", "eps"))
+    param: str = setting("v", "the score network predicts v (the paper's choice, z added as VDM's "
+                         "base measure), eps (z added too), or v-nobase (v, nothing added: the "
+                         "same loss and optimum, learns fastest early; see README)",
+                         ("v", "eps", "v-nobase"))
     schedule: str = setting("fixed", "fixed: linear gamma; scalar: learned endpoints; net: and a "
                             "learned shape (section 1)", ("fixed", "scalar", "net"))
     gamma_min: float = setting(-13.3, "gamma(0) = -log SNR at t = 0 (VDM's value)")
@@ -1194,6 +1202,8 @@ class Config:
     lam: float = setting(0.0, "E-step: lambda, the pull toward the encoder, in [0, 1)")
     # optimisation
     steps: int = setting(1_400_000, "training steps (the paper's small models: 1.4M)")
+    minutes: float = setting(0.0, "stop training after this many minutes of this invocation "
+                             "(wall time; saved and evaluated there), or at --steps; 0: no limit")
     batch_size: int = setting(128, "global batch size (split over DDP ranks)")
     lr: float = setting(2e-4, "AdamW learning rate")
     warmup: int = setting(100, "linear learning-rate warm-up steps")
@@ -1258,6 +1268,7 @@ RULES = dict(
     latent_steps=POSITIVE, langevin_steps=(lambda v: v >= 0, "0 (no E-step) or more"),
     langevin_eta=POSITIVE, beta=POSITIVE, lam=UNIT,
     steps=POSITIVE, batch_size=POSITIVE, lr=POSITIVE,
+    minutes=(lambda v: 0 <= v < math.inf, "0 (no limit) or a positive number of minutes"),
     warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
     weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
     clip=(lambda v: 0 <= v < math.inf, "0 (off) or a positive gradient norm"),
@@ -1309,8 +1320,9 @@ def validate(cfg):
 #
 # Images are kept in memory as uint8 (N, C, H, W). The official files are downloaded once into
 # --data-dir, checked by md5, and read with numpy/pickle; files already there are used without
-# network. The model is unconditional, so label files are not needed. No augmentation [code:
-# load_data.py]. `synthetic` is a small built-in set of 16x16 shapes for smoke runs and tests.
+# network. The model is unconditional: only the MNIST classifier that scores samples reads labels
+# (load_mnist_labels; training never fetches them). No augmentation [code: load_data.py].
+# `synthetic` is a small built-in set of 16x16 shapes for smoke runs and tests.
 # -------------------------------------------------------------------------------------------------
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -1320,6 +1332,11 @@ MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
     "test": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+}
+# The labels, read only by the MNIST classifier that scores samples (section "Sample quality").
+MNIST_LABEL_FILES = {
+    "train": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+    "test": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
 }
 
 
@@ -1333,7 +1350,7 @@ def rng(*keys):
 # The streams of rng(seed, ..., stream): each kind of randomness has its own, so that drawing more
 # of one never shifts another.
 RNG = dict(order=1, train_noise=2, sample=3, dropout=4, eval_noise=5, bench=6, sigma_p=7,
-           e_step=8, latent_eval=9, latent_sample=10)
+           e_step=8, latent_eval=9, latent_sample=10, quality=11)
 
 
 def download(url, path):
@@ -1344,24 +1361,26 @@ def download(url, path):
         atomic_write(path, lambda f: f.write(r.read()))
 
 
-def data_files(name, data_dir, splits=("train", "test")):
-    """The files that data set `name` needs for these splits, as (url, the path a download
-    writes, the names accepted in data_dir: MNIST's idx files compressed or not)."""
+def data_files(name, data_dir, splits=("train", "test"), labels=False):
+    """The files that data set `name` needs for these splits (with labels=True: MNIST's label
+    files instead of its images), as (url, the path a download writes, the names accepted in
+    data_dir: MNIST's idx files compressed or not)."""
     if name == "mnist":
+        files = MNIST_LABEL_FILES if labels else MNIST_FILES
         return [(f"{MNIST_URL}{f}.gz", os.path.join(data_dir, f"{f}.gz"), (f, f"{f}.gz"))
-                for f, _ in (MNIST_FILES[split] for split in splits)]
+                for f, _ in (files[split] for split in splits)]
     if name == "cifar10":
         path = os.path.join(data_dir, os.path.basename(CIFAR10_URL))
         return [(CIFAR10_URL, path, (os.path.basename(path),))]
     return []
 
 
-def fetch_missing(name, data_dir, splits):
+def fetch_missing(name, data_dir, splits, labels=False):
     """Download every file of data set `name` for these splits that data_dir lacks. If any cannot
     be fetched (no network), one DiffEncError lists all of them, each with its URL and the place
     to put it, so that one failed run tells the whole fix (training asks for both splits first)."""
     failed = []
-    for url, path, names in data_files(name, data_dir, splits):
+    for url, path, names in data_files(name, data_dir, splits, labels):
         if not any(os.path.exists(os.path.join(data_dir, n)) for n in names):
             try:
                 download(url, path)
@@ -1377,8 +1396,8 @@ def md5(data):
     return hashlib.md5(data).hexdigest()
 
 
-def load_mnist(data_dir, split):
-    name, want = MNIST_FILES[split]
+def read_idx(data_dir, name, want):
+    """The decompressed bytes of MNIST's idx file `name` (or name.gz) in data_dir, md5-checked."""
     candidates = (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz"))
     path = next(p for p in candidates if os.path.exists(p))     # fetch_missing put one there
     try:
@@ -1391,8 +1410,21 @@ def load_mnist(data_dir, split):
         raise DiffEncError(f"{path} has md5 {md5(raw)} (decompressed), not the official {want}: a "
                            f"corrupt or truncated copy; delete it and run again, or place the "
                            f"official file there")
+    return raw
+
+
+def load_mnist(data_dir, split):
+    raw = read_idx(data_dir, *MNIST_FILES[split])
     magic, n, h, w = struct.unpack(">IIII", raw[:16])  # idx3: big-endian header, then n*h*w bytes
     return torch.from_numpy(np.frombuffer(raw, np.uint8, n * h * w, 16).reshape(n, 1, h, w).copy())
+
+
+def load_mnist_labels(data_dir, split):
+    """MNIST's labels (N,) int64 of `split`, in the order of load_mnist's images."""
+    fetch_missing("mnist", data_dir, (split,), labels=True)
+    raw = read_idx(data_dir, *MNIST_LABEL_FILES[split])
+    magic, n = struct.unpack(">II", raw[:8])           # idx1: magic 2049, n, then n label bytes
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, n, 8).astype(np.int64))
 
 
 def load_cifar10(data_dir, split):
@@ -1826,7 +1858,8 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
 
 def train(cfg):
     """Train on cfg.dataset until cfg.steps, resuming from cfg.out/latest.pt with cfg.resume.
-    Stops at the last step, on SIGINT/SIGTERM (after saving) or on a non-finite loss."""
+    Stops at the last step, after cfg.minutes (saved and evaluated as a last step), on
+    SIGINT/SIGTERM (after saving) or on a non-finite loss."""
     validate(cfg)
     rank, world, device = setup_distributed()
     settle_speed(cfg, device)
@@ -1917,24 +1950,29 @@ def train(cfg):
                                      f"{step + 1}: the run does not recover; {holds()}. Lower "
                                      f"{lower} or set --clip 1")
             step += 1
+            # --minutes: rank 0's clock decides (broadcast), so that every rank stops together
+            out_of_time = cfg.minutes > 0 and time.time() - t0 >= 60 * cfg.minutes
             if world > 1:  # every rank stops at the same step when any got a signal
-                flag = torch.tensor([float(bool(stop))], device=device)
-                dist.all_reduce(flag)
-                stop += [signal.SIGTERM] if flag.item() and not stop else []
-            if step % cfg.log_every == 0 or step == cfg.steps:
+                flag = torch.tensor([float(bool(stop)), float(out_of_time)], device=device)
+                dist.broadcast(flag[1:], 0)
+                dist.all_reduce(flag[:1])
+                stop += [signal.SIGTERM] if flag[0].item() and not stop else []
+                out_of_time = bool(flag[1].item())
+            end = step == cfg.steps or out_of_time       # the last step of this invocation
+            if step % cfg.log_every == 0 or end:
                 if rank == 0 and n_window:  # the mean over the window's finite steps
                     rate = (step - start_step) / (time.time() - t0)
                     write_log_row(log, step, cfg.steps, window / n_window,
                                   opt.param_groups[0]["lr"], rate)
                 window, n_window = torch.zeros(n_report, dtype=torch.float64), 0
-            if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if rank == 0 and (step % cfg.eval_every == 0 or end):
                 bpd = test_bound(ema, test, cfg)
                 print(f"step {step} | test bpd {bpd.mean():.4f} (EMA, "
                       f"{cfg.eval_images or len(test)} images)", flush=True)
                 if bpd.mean() < best:
                     best = bpd.mean().item()
                     save_checkpoint(state(), best_path)
-            last = step == cfg.steps or bool(stop)
+            last = end or bool(stop)
             if rank == 0 and (step % cfg.save_every == 0 or last):
                 if save_checkpoint(state(), latest):
                     saved = step
@@ -1948,6 +1986,12 @@ def train(cfg):
                           f"{holds()}. Continue with the same command plus --resume",
                           file=sys.stderr)
                 raise SystemExit(128 + stop[0])
+            if out_of_time:
+                if rank == 0:
+                    print(f"diffenc: --minutes {cfg.minutes:g} reached after step {step} "
+                          f"({(time.time() - t0) / (step - start_step):.4f} s/step); {holds()}",
+                          flush=True)
+                break
         return model, ema
     finally:
         for s, handler in previous.items():
@@ -1976,7 +2020,7 @@ def format_seconds(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-SHOW_PROGRESS = False  # main() turns it on for --eval, --sample, --inspect and --tune-schedule
+SHOW_PROGRESS = False  # main() turns it on for the modes that are not --train or --bench
 
 
 def progress(what, done, total, t0, unit):
@@ -2394,6 +2438,110 @@ SAMPLE_TS = (1.0, 0.8, 0.6, 0.4, 0.2)  # t of the intermediate x_hat shown besid
 SAMPLE_ROWS = 8
 
 
+# Sample quality (MNIST). Does a sample look like a digit? A small convnet, trained once on
+# MNIST's training images and labels and cached in --data-dir, gives p(y|x) for each image, and
+# from these come two numbers [Salimans et al. 2016, "Improved techniques for training GANs",
+# section 4, the Inception score, with this classifier in place of Inception]:
+#   IS-like = exp(E_x KL(p(y|x) || p(y))),  p(y) = E_x p(y|x) over the *set*,
+# which is exp of the mutual information between image and class: 1 when every image gets the
+# same class distribution, 10 when each image is certainly one class and the classes are equally
+# frequent; and the mean top-class confidence E_x max_y p(y|x) (high when each image is clearly
+# some digit). The same numbers on as many real test images give the ceiling.
+
+CLASSIFIER = dict(epochs=2, batch_size=128, lr=1e-3, seed=0)  # 98.4 % on the test set, 40 s
+CLASSIFIER_FILE = "mnist_classifier.pt"                       # in --data-dir
+
+
+def classifier_net():
+    """(B, 1, 28, 28) in [-1, 1] -> logits (B, 10): two conv + pool stages and an MLP; float32
+    whatever the default dtype (it scores images, it is not part of the model)."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B,16,14,14)
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B,32,7,7)
+                         nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)
+                         ).float()
+
+
+def train_classifier(images, labels, epochs, batch_size, lr, seed):
+    """A classifier_net trained by Adam on cross-entropy: images (N, 1, H, W) uint8, labels (N,).
+    Initialisation and batch order are functions of seed only, so the cache is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = classifier_net()
+    opt, t0 = torch.optim.Adam(net.parameters(), lr=lr), time.time()
+    steps = epochs * (len(images) // batch_size)
+    for step in range(steps):
+        idx = batch_indices(len(images), batch_size, step, seed)
+        loss = F.cross_entropy(net(scale_pixels(images[idx], torch.float32)), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress("training the MNIST classifier", step + 1, steps, t0, "steps")
+    return net.eval()
+
+
+@torch.no_grad()
+def class_probs(net, images, batch_size=500):
+    """p(y|x) (N, 10) float64 for images (N, 1, H, W) uint8."""
+    logits = [net(scale_pixels(x, torch.float32)) for x in images.split(batch_size)]
+    return torch.cat(logits).double().softmax(1)
+
+
+def mnist_classifier(data_dir):
+    """The cached classifier and its accuracy on the 10,000 clean test images, trained and
+    cached (atomically) on first use; a cache of another recipe is retrained."""
+    path = os.path.join(data_dir, CLASSIFIER_FILE)
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign: torch.load fails in many ways
+            raise DiffEncError(f"{path} is not a readable classifier cache ({type(e).__name__}); "
+                               f"delete it and run again (it is retrained in about a minute)"
+                               ) from None
+        if isinstance(saved, dict) and saved.get("recipe") == CLASSIFIER:
+            net = classifier_net()
+            net.load_state_dict(saved["state"])
+            return net.eval(), saved["test_accuracy"]
+    net = train_classifier(load_dataset("mnist", data_dir, "train"),
+                           load_mnist_labels(data_dir, "train"), **CLASSIFIER)
+    probs = class_probs(net, load_dataset("mnist", data_dir, "test"))
+    accuracy = (probs.argmax(1) == load_mnist_labels(data_dir, "test")).double().mean().item()
+    state = dict(state=net.state_dict(), test_accuracy=accuracy, recipe=CLASSIFIER)
+    atomic_write(path, lambda f: torch.save(state, f))
+    return net, accuracy
+
+
+def sample_quality(probs):
+    """(IS-like, mean top-class confidence) of a set of images' class probabilities (N, K), with
+    KL(p(y|x) || p(y)) per image."""
+    p_y = probs.mean(0, keepdim=True)                                  # (1, K) p(y) of the set
+    xlogy = torch.special.xlogy                                        # 0 log 0 = 0: an absent
+    kl = (xlogy(probs, probs) - xlogy(probs, p_y)).sum(1)              # class adds nothing; (N,)
+    return kl.mean().exp().item(), probs.max(1).values.mean().item()
+
+
+def quality_with_errors(probs, seed, n_boot=200):
+    """sample_quality with bootstrap standard errors (n_boot resamplings of the images):
+    ((IS-like, its s.e.), (confidence, its s.e.))."""
+    idx = torch.randint(len(probs), (n_boot, len(probs)), generator=rng(seed, RNG["quality"]))
+    boots = torch.tensor([sample_quality(probs[i]) for i in idx])     # (n_boot, 2)
+    return tuple(zip(sample_quality(probs), boots.std(0).tolist()))
+
+
+def report_sample_quality(x, data_dir, seed):
+    """Print the sample quality of MNIST samples x (N, 1, 28, 28) uint8, and its ceiling: the same
+    numbers for the first N real test images. Returns ((IS-like, confidence) of x, the same of
+    the real images), each a (value, s.e.) pair."""
+    net, accuracy = mnist_classifier(data_dir)
+    real = load_dataset("mnist", data_dir, "test")[:len(x)]
+    (is_x, conf_x), (is_r, conf_r) = (quality_with_errors(class_probs(net, a), seed)
+                                      for a in (x, real))
+    print(f"sample quality ({len(x)} images; MNIST classifier, {100 * accuracy:.1f} % on clean "
+          f"test images): IS-like {is_x[0]:.2f} ± {is_x[1]:.2f} (real test images: "
+          f"{is_r[0]:.2f} ± {is_r[1]:.2f}), top-class confidence {conf_x[0]:.3f} ± "
+          f"{conf_x[1]:.3f} (real: {conf_r[0]:.3f} ± {conf_r[1]:.3f})")
+    return (is_x, conf_x), (is_r, conf_r)
+
+
 def run_sample(ckpt_path, args):
     """A grid of samples, and one of the reverse process: x_hat(z_t) at SAMPLE_TS, then the sample.
     Steps: --T, else --sample-steps, else the checkpoint's T (a tuned schedule's), else its
@@ -2424,7 +2572,52 @@ def run_sample(ckpt_path, args):
     write_panels(process, panels.flatten(0, 1), len(steps) + 1)
     print(f"wrote {args.n_samples} samples ({T} steps) to {path}, and x_hat at t = "
           f"{', '.join(map(str, SAMPLE_TS))} then the sample for {n} of them to {process}")
-    return x, kept
+    quality = None
+    if cfg.dataset == "mnist":
+        quality = report_sample_quality(x, args.data_dir or cfg.data_dir, args.seed or 0)
+    return x, kept, quality
+
+
+RACE_MINUTES = 5.0  # --race's default --minutes per model: one short GPU job for both
+
+
+def run_race(args):
+    """--race DATASET: the VDM (--encoder none) and DiffEnc (the learned encoder) trained one after
+    the other for --minutes each (default RACE_MINUTES) with the same other flags, in --out/vdm
+    and --out/diffenc; then both evaluated on the same test images, t and eps (paired), and
+    --n-samples samples of each written beside its checkpoint with their sample quality (MNIST);
+    one table at the end. Meant for a GPU (e.g. --size small --amp --compile); runs anywhere."""
+    base = config_from_args(args, args.race)
+    base = dataclasses.replace(base, minutes=base.minutes or RACE_MINUTES)
+    if base.model == "em":
+        raise DiffEncError("--race trains the VDM and DiffEnc; drop --model em")
+    device, rows = pick_device(), []
+    for name, encoder in (("vdm", "none"), ("diffenc", "learned")):
+        cfg = dataclasses.replace(base, encoder=encoder, out=os.path.join(base.out, name))
+        train(cfg)
+        path = os.path.join(cfg.out, "latest.pt")
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, device)
+        test = load_dataset(cfg.dataset, cfg.data_dir, "test")
+        total = evaluate(model, test, cfg.batch_size, cfg.seed, cfg.eval_images).sum(1)  # (N,)
+        _, _, quality = run_sample(path, args)
+        rows.append((name, ckpt["step"], total, quality))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"race: {base.dataset}, --size {base.size}, {base.minutes:g} min of training each, "
+          f"{where}, test bpd on {len(rows[0][2])} test images (EMA weights)")
+    print(f"  {'model':8s} {'steps':>7s}  {'test bpd':18s}" + "  IS-like        confidence"
+          * (rows[0][3] is not None))
+    for name, step, total, quality in rows:
+        q = "" if quality is None else "  ".join(f"{v:.3f} ± {e:.3f}" for v, e in quality[0])
+        print(f"  {name:8s} {step:7d}  {total.mean():.4f} ± {std_err(total):.4f}   {q}")
+    d = rows[1][2] - rows[0][2]
+    print(f"  diffenc - vdm (paired: same images, t and eps): {d.mean():+.4f} ± {std_err(d):.4f} "
+          f"bpd")
+    if rows[0][3] is not None:
+        (is_r, is_se), (conf_r, conf_se) = rows[0][3][1]          # the first N test images
+        print(f"  real test images (the ceiling): IS-like {is_r:.3f} ± {is_se:.3f}, confidence "
+              f"{conf_r:.3f} ± {conf_se:.3f}")
+    return rows
 
 
 def sample_em(model, ckpt, ckpt_path, T, args):
@@ -2449,6 +2642,8 @@ def sample_em(model, ckpt, ckpt_path, T, args):
     print(f"wrote {n} generations (z ~ N(0, I), {T} steps) to {prefix}_samples.png, and "
           f"{len(test)} test images each beside its reconstruction (z ~ q(z | x)) to "
           f"{prefix}_recon.png")
+    if cfg.dataset == "mnist":
+        report_sample_quality(generated, args.data_dir or cfg.data_dir, seed)
     return generated, recon
 
 
@@ -2828,10 +3023,14 @@ def build_parser():
     mode.add_argument("--tune-schedule", metavar="CKPT",
                       help="tune the schedule's shape for --T steps (--steps, default 500; --lr, "
                            "default 1e-3); writes tuned_T{T}.pt beside CKPT")
+    mode.add_argument("--race", metavar="DATASET",
+                      help="train the VDM and DiffEnc for --minutes each (default "
+                           f"{RACE_MINUTES:g}), evaluate both paired, sample, one table")
     mode.add_argument("--bench", metavar="DATASET", nargs="?", const="cifar10",
                       help="time VDM and DiffEnc steps, interleaved, on DATASET-shaped images "
                            "(plain, and with --amp / --compile if given)")
-    p.add_argument("--n-samples", type=int, default=64, help="--sample: number of images")
+    p.add_argument("--n-samples", type=int, default=64,
+                   help="--sample, --race: number of images")
     p.add_argument("--eval-samples", type=int, default=1, help="--eval: (t, eps) draws per image")
     p.add_argument("--depths", metavar="T", type=int, nargs="+",
                    help="--eval: the T-step bpd at each of these T, DiffEnc with both --increment "
@@ -2868,6 +3067,8 @@ MODE_READS = dict(
           "depths"},
     sample={*CHECKPOINT_READS, "sample_steps", "n_samples", "sigma_p", "sigma_pairs"},
     inspect={"data_dir", "batch_size"},
+    race={f.name for f in dataclasses.fields(Config)} - {"encoder", "increment", "resume"} | {
+        "n_samples"},
     tune_schedule={*CHECKPOINT_READS, "eval_images", "eval_samples", "steps", "lr"} - {
         "latent_steps"},
 )
@@ -2893,7 +3094,8 @@ def main(argv=None):
     parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     global SHOW_PROGRESS
-    SHOW_PROGRESS = bool(args.eval or args.sample or args.inspect or args.tune_schedule)
+    SHOW_PROGRESS = bool(args.eval or args.sample or args.inspect or args.tune_schedule
+                         or args.race)
     try:
         for f in dataclasses.fields(Config):  # every flag given, in every mode, by the same rules
             if getattr(args, f.name, None) is not None:
@@ -2916,14 +3118,15 @@ def main(argv=None):
         if args.per_t and not args.eval:
             raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
         unused = [f for f in EM_FIELDS if getattr(args, f) is not None]
-        if (args.train or args.bench) and (args.model or Config.model) != "em" and unused:
+        trains = args.train or args.bench or args.race
+        if trains and (args.model or Config.model) != "em" and unused:
             flag = "--" + unused[0].replace("_", "-")
             raise DiffEncError(f"{flag} is an option of --model em; add --model em or drop {flag}")
         # a checkpoint holds its model's settings: of the em options only the encoder's sampling
         # steps S can change after training (--eval and --sample of an em checkpoint read it)
         reads_s = args.eval or args.sample
         unused = [f for f in unused if not (reads_s and f == "latent_steps")]
-        if not (args.train or args.bench) and unused:
+        if not trains and unused:
             flag = "--" + unused[0].replace("_", "-")
             raise DiffEncError(f"{flag} is a training option of --model em, and this mode reads "
                                f"the checkpoint's value; drop {flag}")
@@ -2935,7 +3138,7 @@ def main(argv=None):
         if ignored:
             flag = lambda name: "--" + name.replace("_", "-")
             reads = ", ".join(sorted(flag(o) for o in MODE_READS[mode]))
-            what = "" if mode in ("train", "bench") else f" (it reads {reads})"
+            what = "" if mode in ("train", "bench", "race") else f" (it reads {reads})"
             raise DiffEncError(f"{flag(ignored[0])} means nothing to {flag(mode)}{what}; drop "
                                f"{flag(ignored[0])}")
         if args.train:
@@ -2950,6 +3153,8 @@ def main(argv=None):
             run_inspect(args.inspect, args)
         elif args.tune_schedule:
             run_tune_schedule(args.tune_schedule, args)
+        elif args.race:
+            run_race(args)
         else:
             cfg = config_from_args(args, args.bench)
             validate(cfg)

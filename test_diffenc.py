@@ -469,6 +469,36 @@ def test_learned_encoder_at_zero_init_gives_exactly_the_fixed_encoders_loss(para
     assert torch.equal(losses["learned"], losses["fixed"])
 
 
+@pytest.mark.parametrize("T", [0, 10])
+def test_v_nobase_is_v_without_the_base_measure_with_the_same_loss_at_equal_outputs(T):
+    """[VDM: parameterisation] --param v-nobase differs from --param v only in the network: with
+    the same weights its output is v's minus z_t (no base measure). Given the same v_hat the two
+    models have the same loss bit for bit (continuous and T-step) and
+    the same sampler, so the optimum is the same; the outputs read as eps would give another loss
+    (checked, so that the equality is not trivial)."""
+    shape = (1, 8, 8)
+    x_int = torch.randint(0, 256, (4, *shape), generator=torch.Generator().manual_seed(0))
+    t, eps, eps_0 = de.draw_noise(0, 0, 4, shape)
+    models = {}
+    for param in ("v", "v-nobase", "eps"):
+        torch.manual_seed(0)
+        models[param] = de.DiffEnc(de.Config(param=param, T=T, **NET), shape)
+        for p in models[param].score.conv_out.parameters():   # not zero, as after training
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+    z, gamma = torch.randn(4, *shape, dtype=torch.float64), torch.linspace(-5, 5, 4)
+    v_hat = models["v"].score(z, gamma)
+    assert torch.equal(models["v-nobase"].score(z, gamma) + z, v_hat)
+    assert (v_hat - z).abs().max() > 1e-2                     # the base measure is not nothing
+    same = models["v"].score.forward                          # every model gets the v net's v_hat
+    for param in ("v-nobase", "eps"):
+        models[param].score.forward = same
+    loss = {p: torch.stack(m(x_int, t, eps, eps_0)) for p, m in models.items()}
+    assert torch.equal(loss["v-nobase"], loss["v"])
+    assert not torch.allclose(loss["eps"], loss["v"], rtol=1e-3)
+    draws = {p: de.sample(models[p], 2, 5, seed=0)[0] for p in ("v", "v-nobase")}
+    assert torch.equal(draws["v"], draws["v-nobase"])
+
+
 @given(seed=SEEDS)
 def test_encoder_starts_at_the_data_and_stays_bounded(seed):
     """[DiffEnc: encoder] x_phi(lambda_0) = x + sigma_0^2 (y - x), so |x_phi(0) - x| <= 2 sigma_0^2
@@ -2020,7 +2050,7 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     gamma_min=-1e6, gamma_max=31.0, T=-1, increment="rk4", size="huge", n_embd=0, n_layer=0,
     norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5,
     enc_dropout=-0.1, model="vae", latent_dim=65, latent_width=12, latent_steps=0,
-    langevin_steps=-1, langevin_eta=0.0, beta=0.0, lam=1.0, steps=0,
+    langevin_steps=-1, langevin_eta=0.0, beta=0.0, lam=1.0, steps=0, minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, ema=1.0, seed=-1, out="",
     resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0, skip_nonfinite=1,
     sample_steps=0, amp="no", compile=None)
@@ -2064,6 +2094,168 @@ def test_mnist_loader_reads_official_idx_files_and_checks_md5(tmp_path, monkeypa
     monkeypatch.setitem(de.MNIST_FILES, "test", (name, "0" * 32))
     with pytest.raises(de.DiffEncError, match="md5"):
         de.load_dataset("mnist", str(tmp_path), "test")
+
+
+def write_labels(path, labels, compress=True):
+    """An MNIST idx1 file: big-endian magic 2049, count, then one byte per label."""
+    raw = struct.pack(">II", 2049, len(labels)) + np.asarray(labels, np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw) if compress else raw)
+    return raw
+
+
+def test_mnist_labels_are_read_from_idx1_files_in_image_order_and_md5_checked(tmp_path,
+                                                                             monkeypatch):
+    """[data] MNIST labels (idx1: magic 2049, count, one byte each) are read as (N,) int64 in the
+    file's order, md5-checked like the images; offline, the missing label file is named with its
+    URL (a label file is fetched only by the classifier: training needs none)."""
+    name = de.MNIST_LABEL_FILES["test"][0]
+    labels = [7, 2, 1, 0, 4, 1, 9]
+    raw = write_labels(tmp_path / (name + ".gz"), labels)
+    monkeypatch.setitem(de.MNIST_LABEL_FILES, "test", (name, de.md5(raw)))
+    y = de.load_mnist_labels(str(tmp_path), "test")
+    assert y.dtype == torch.int64 and y.tolist() == labels
+    monkeypatch.setitem(de.MNIST_LABEL_FILES, "test", (name, "0" * 32))
+    with pytest.raises(de.DiffEncError, match="md5"):
+        de.load_mnist_labels(str(tmp_path), "test")
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("network is unreachable")
+    monkeypatch.setattr(de.urllib.request, "urlopen", offline)
+    with pytest.raises(de.DiffEncError, match="train-labels-idx1-ubyte.gz ->"):
+        de.load_mnist_labels(str(tmp_path), "train")
+    assert all("labels" not in url for url, _, _ in de.data_files("mnist", str(tmp_path)))
+
+
+def separable_digits(n, seed, noise=60):
+    """n (1, 28, 28) uint8 images of 10 classes, class k a fixed random binary template (the same
+    templates for every seed) plus pixel noise: a task a working classifier learns from a few
+    hundred images. Returns (images, labels)."""
+    templates = np.random.default_rng(123).random((10, 28, 28)) < 0.3        # (10, 28, 28)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    x = 255 * templates[labels] * 0.8 + rng.normal(0, noise, (n, 28, 28)) + 25
+    images = torch.from_numpy(np.clip(x, 0, 255).astype(np.uint8)[:, None])
+    return images, torch.from_numpy(labels)
+
+
+def test_the_classifier_learns_the_labels_and_nothing_from_shuffled_ones():
+    """[sample quality] train_classifier fits the labels: on held-out images of separable classes
+    its accuracy is near 1, and trained on the same images with the labels shuffled it is near
+    chance (0.1); the same seed gives the same weights (the cache is reproducible)."""
+    x, y = separable_digits(600, seed=0)
+    x_test, y_test = separable_digits(300, seed=1)
+    acc = lambda net: (de.class_probs(net, x_test).argmax(1) == y_test).double().mean().item()
+    torch.manual_seed(0)
+    net = de.train_classifier(x, y, epochs=3, batch_size=32, lr=1e-3, seed=0)
+    assert acc(net) > 0.95
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    assert acc(de.train_classifier(x, shuffled, epochs=3, batch_size=32, lr=1e-3, seed=0)) < 0.3
+    torch.manual_seed(12345)               # whatever the global RNG holds, the seed decides
+    again = de.train_classifier(x, y, epochs=3, batch_size=32, lr=1e-3, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 again.state_dict().values()))
+
+
+def fake_mnist(folder, monkeypatch):
+    """MNIST's four idx files in folder, holding separable_digits (600 training, 200 test images),
+    their md5s patched in, and a classifier recipe that learns them in a second."""
+    for split, seed, n in (("train", 0, 600), ("test", 1, 200)):
+        x, y = separable_digits(n, seed)
+        images, labels = de.MNIST_FILES[split][0], de.MNIST_LABEL_FILES[split][0]
+        monkeypatch.setitem(de.MNIST_FILES, split, (images, de.md5(
+            write_idx(folder / (images + ".gz"), x[:, 0].numpy(), True))))
+        monkeypatch.setitem(de.MNIST_LABEL_FILES, split, (labels, de.md5(
+            write_labels(folder / (labels + ".gz"), y.numpy()))))
+    monkeypatch.setattr(de, "CLASSIFIER", dict(epochs=3, batch_size=32, lr=1e-3, seed=0))
+
+
+def test_the_classifier_is_trained_once_cached_atomically_and_retrained_for_another_recipe(
+        tmp_path, monkeypatch):
+    """[sample quality] mnist_classifier trains on the training split, reports its accuracy on the
+    test split, and caches both in --data-dir; the next call loads the cache without training, a
+    cache of another recipe is retrained, and an unreadable cache is refused with one line that
+    says to delete it."""
+    fake_mnist(tmp_path, monkeypatch)
+    net, accuracy = de.mnist_classifier(str(tmp_path))
+    probs = de.class_probs(net, de.load_dataset("mnist", str(tmp_path), "test"))
+    assert accuracy > 0.95 and accuracy == pytest.approx(
+        (probs.argmax(1) == de.load_mnist_labels(str(tmp_path), "test")).double().mean().item())
+    trained = []
+    real_train = de.train_classifier
+    monkeypatch.setattr(de, "train_classifier", lambda *a, **k: trained.append(1) or real_train(
+        *a, **k))
+    cached, cached_accuracy = de.mnist_classifier(str(tmp_path))
+    assert not trained and cached_accuracy == accuracy
+    assert torch.equal(de.class_probs(cached, de.load_dataset("mnist", str(tmp_path), "test")),
+                       probs)
+    monkeypatch.setattr(de, "CLASSIFIER", dict(epochs=1, batch_size=32, lr=1e-3, seed=0))
+    de.mnist_classifier(str(tmp_path))
+    assert trained == [1]
+    (tmp_path / de.CLASSIFIER_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(de.DiffEncError, match="delete it") as e:
+        de.mnist_classifier(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def mutual_information(p):
+    """I(x; y) = H(p(y)) - E_x H(p(y|x)) of the empirical joint of images and classes, in numpy
+    float64: the Inception score is its exponential (an independent route to the same number)."""
+    p = np.asarray(p, np.float64)
+    H = lambda q: -(q * np.log(np.where(q > 0, q, 1))).sum(-1)
+    return H(p.mean(0)) - H(p).mean()
+
+
+@given(st.integers(2, 40), st.integers(2, 10), st.floats(0.05, 5), st.integers(0, 2**31 - 1))
+@settings(deadline=None)
+def test_the_is_like_score_is_exp_mutual_information_between_image_and_class(n, k, conc, seed):
+    """[sample quality] IS-like = exp(E_x KL(p(y|x) || p(y))) with p(y) the mean over the *set*
+    equals exp(I(x; y)) computed from entropies, lies in [1, K], and the confidence is the mean
+    top-class probability. The random sets make the KL's direction matter: its reverse,
+    E_x KL(p(y) || p(y|x)), differs (checked non-trivial here)."""
+    p = torch.from_numpy(np.random.default_rng(seed).dirichlet([conc] * k, n))   # (n, k)
+    score, confidence = de.sample_quality(p)
+    assert score == pytest.approx(math.exp(mutual_information(p.numpy())), rel=1e-9)
+    assert 1 - 1e-9 <= score <= k + 1e-9
+    assert confidence == pytest.approx(p.max(1).values.mean().item(), rel=1e-12)
+    p_y = p.mean(0)
+    reverse = math.exp((p_y * (p_y.log() - p.log())).sum(1).mean().item())
+    if mutual_information(p.numpy()) > 1e-3:
+        assert abs(reverse - score) > 1e-6 * score
+
+
+def test_the_is_like_score_is_ten_for_certain_balanced_digits_and_one_for_a_single_class():
+    """[sample quality] Ten classes, each image certainly one of them, equally often: IS-like =
+    10 and confidence 1; every image certainly the same class: IS-like = 1 (p(y) taken per image
+    instead of over the set would give 1 in both cases); every image spread evenly over the ten
+    classes: IS-like 1, confidence 0.1."""
+    certain = torch.eye(10, dtype=torch.float64).repeat(3, 1)                  # (30, 10)
+    assert de.sample_quality(certain) == pytest.approx((10.0, 1.0))
+    one_class = torch.zeros(30, 10, dtype=torch.float64).index_fill(1, torch.tensor([3]), 1.0)
+    assert de.sample_quality(one_class) == pytest.approx((1.0, 1.0))
+    spread = torch.full((10, 10), 0.1, dtype=torch.float64)
+    assert de.sample_quality(spread) == pytest.approx((1.0, 0.1))
+
+
+def test_sample_quality_of_real_images_is_the_ceiling_and_noise_scores_low(tmp_path, monkeypatch,
+                                                                          capsys):
+    """[sample quality] report_sample_quality scores N samples and, beside them, the first N test
+    images: given those very test images as the 'samples' it prints the ceiling twice (the same
+    numbers), and given pixel noise a far lower IS-like score; each with a bootstrap s.e. > 0."""
+    x, y = separable_digits(600, 0)
+    net = de.train_classifier(x, y, epochs=3, batch_size=32, lr=1e-3, seed=0)
+    test, _ = separable_digits(200, 1)
+    monkeypatch.setattr(de, "mnist_classifier", lambda data_dir: (net, 0.97))
+    monkeypatch.setattr(de, "load_dataset", lambda name, data_dir, split: test)
+    ((is_x, se), (conf, conf_se)), real = de.report_sample_quality(test[:100], str(tmp_path), 0)
+    out = capsys.readouterr().out
+    assert f"IS-like {is_x:.2f} ± {se:.2f} (real test images: {is_x:.2f} ± {se:.2f})" in out, out
+    assert real == ((is_x, se), (conf, conf_se))
+    assert "97.0 %" in out and is_x > 7 and 0 < se < 1 and 0 < conf_se < conf
+    noise = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (100, 1, 28, 28),
+                                                                dtype=np.uint8))
+    ((is_noise, _), _), real_again = de.report_sample_quality(noise, str(tmp_path), 0)
+    assert is_noise < is_x / 2 and real_again == real
 
 
 def write_cifar(path, n_per_batch=3):
@@ -2568,7 +2760,8 @@ def test_a_resume_that_changes_a_setting_says_so_and_uses_the_new_value(tmp_path
     """[usability] --resume with an optimisation setting other than the checkpoint's run (here
     --lr left at its default after a run at 1e-3, and --weight-decay 0.05) prints one line naming
     each, old and new, and the run uses the new values, weight decay included (AdamW's restored
-    state would otherwise keep the old one silently). The same command plus --resume says nothing."""
+    state would otherwise keep the old one silently). The same command plus --resume says
+    nothing."""
     out = tmp_path / "run"
     run = lambda *extra: de.main(["--train", "synthetic", *map(str, TINY), "--steps", "2",
                                   "--out", str(out), *map(str, extra)])
@@ -2824,6 +3017,58 @@ def test_cli_trains_resumes_evaluates_and_samples(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_minutes_ends_training_as_a_last_step_and_resume_continues_bit_exactly(tmp_path,
+                                                                               capsys):
+    """[training] --minutes M stops training once M minutes have passed, at a step boundary, and
+    treats that step as the last: a checkpoint and a test evaluation there. The checkpoint is the
+    one a run of exactly that many steps writes, so --resume (no limit) continues bit for bit."""
+    common = ["--train", "synthetic", *TINY, "--steps", "3"]
+    de.main(common + ["--minutes", "1e-9", "--out", str(tmp_path / "cut")])   # stops at step 1
+    out = capsys.readouterr().out
+    assert "--minutes 1e-09 reached after step 1" in out and "step 1 | test bpd" in out, out
+    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["step"] == 1
+    de.main(common + ["--out", str(tmp_path / "cut"), "--resume"])
+    de.main(common + ["--out", str(tmp_path / "whole")])
+    cut, whole = (torch.load(tmp_path / r / "latest.pt", weights_only=True)
+                  for r in ("cut", "whole"))
+    assert cut["step"] == whole["step"] == 3
+    assert all(torch.equal(cut[part][k], whole[part][k]) for part in ("model", "ema")
+               for k in whole[part])
+
+
+def test_race_trains_both_models_for_the_wall_time_and_tables_bpd_and_sample_quality(
+        tmp_path, monkeypatch, capsys):
+    """[CLI] --race mnist trains the VDM and DiffEnc (--out/vdm, --out/diffenc) for --minutes
+    each, evaluates both on the same test images (the paired difference is the difference of
+    the two bpd columns), samples each with its sample quality, and prints one table with the
+    real images' ceiling; --encoder, --increment, --resume and --model em are refused."""
+    fake_mnist(tmp_path, monkeypatch)
+    out = tmp_path / "race"
+    argv = ["--race", "mnist", *TINY, "--minutes", "1e-9", "--n-samples", "4", "--data-dir",
+            tmp_path, "--out", out]
+    rows = de.run_race(de.build_parser().parse_args([str(a) for a in argv]))
+    table = capsys.readouterr().out.split("race: mnist")[1]
+    for (name, step, total, quality), encoder in zip(rows, ("none", "learned")):
+        ckpt = torch.load(out / name / "latest.pt", weights_only=True)
+        assert ckpt["config"]["encoder"] == encoder and ckpt["config"]["minutes"] == 1e-9
+        assert step == ckpt["step"] == 1 and len(total) == 16
+        model = de.model_from_checkpoint(ckpt, torch.device("cpu"))   # the same t and eps for both
+        test = de.load_dataset("mnist", str(tmp_path), "test")
+        assert torch.equal(total, de.evaluate(model, test, 8, 0, 16).sum(1))
+        assert f"{total.mean():.4f} ± {de.std_err(total):.4f}" in table
+        assert f"{quality[0][0][0]:.3f} ± {quality[0][0][1]:.3f}" in table
+        assert list((out / name).glob("samples_step1_T10.png"))
+    d = rows[1][2] - rows[0][2]
+    assert f"{d.mean():+.4f} ± {de.std_err(d):.4f} bpd" in table and d.abs().max() > 0
+    assert f"ceiling): IS-like {rows[0][3][1][0][0]:.3f}" in table
+    for extra, words in ((["--encoder", "none"], "--encoder means nothing to --race"),
+                         (["--increment", "exp"], "--increment means nothing to --race"),
+                         (["--model", "em"], "drop --model em"),
+                         (["--beta", "0.5"], "add --model em")):
+        code, err = main_error(capsys, *argv, *extra)
+        assert code == 2 and err.count("\n") == 1 and words in err, (extra, err)
+
+
 def main_error(capsys, *argv):
     """Run main() in-process; return the exit code and stderr (the message a user sees)."""
     with pytest.raises(SystemExit) as e:
@@ -3049,7 +3294,8 @@ def test_the_readme_use_block_runs_top_to_bottom():
     """[usability] Every line of the README's Use block parses as diffenc.py's command line, and
     every checkpoint a line reads (--eval, --sample, --inspect, --tune-schedule, --resume) is
     written by an earlier line: --train writes OUT/latest.pt and best.pt (OUT: --out, default
-    runs/diffenc), --tune-schedule CKPT --T T writes tuned_T{T}.pt beside CKPT. (The README
+    runs/diffenc), --race writes OUT/vdm and OUT/diffenc's, --tune-schedule CKPT --T T writes
+    tuned_T{T}.pt beside CKPT. (The README
     before this test failed here: its lines evaluated runs/vdm and runs/em, which no line wrote.)
     """
     parser, written, commands = de.build_parser(), set(), readme_use_block()
@@ -3065,6 +3311,9 @@ def test_the_readme_use_block_runs_top_to_bottom():
         assert not missing, f"{' '.join(argv)} reads {missing}, which no earlier line writes"
         if args.train:
             written |= {os.path.join(out, name) for name in ("latest.pt", "best.pt")}
+        if args.race:
+            written |= {os.path.join(out, run, name) for run in ("vdm", "diffenc")
+                        for name in ("latest.pt", "best.pt")}
         if args.tune_schedule:
             written.add(os.path.join(os.path.dirname(os.path.normpath(args.tune_schedule)),
                                      f"tuned_T{args.T}.pt"))
