@@ -3076,6 +3076,28 @@ def main_error(capsys, *argv):
     return e.value.code, capsys.readouterr().err
 
 
+def test_sample_prints_the_quality_of_mnist_samples_for_diffenc_and_em_checkpoints(
+        tmp_path, monkeypatch, capsys, float32):
+    """[sample quality] --sample on an MNIST checkpoint, of --model diffenc and of --model em (its
+    generations), prints the sample-quality line for its n samples beside the ceiling of the first
+    n test images; on another data set it prints none (the classifier knows MNIST only)."""
+    fake_mnist(tmp_path, monkeypatch)
+    for name, kw in (("diffenc", {}), ("em", dict(model="em", encoder="none", latent_dim=4,
+                                                  latent_width=8, latent_steps=3,
+                                                  langevin_steps=2))):
+        de.train(tiny_config(tmp_path / name, dataset="mnist", data_dir=str(tmp_path), steps=1,
+                             **kw))
+        capsys.readouterr()
+        de.main(["--sample", str(tmp_path / name / "latest.pt"), "--n-samples", "4",
+                 "--sample-steps", "3"])
+        assert "sample quality (4 images; MNIST classifier" in capsys.readouterr().out, name
+    de.train(tiny_config(tmp_path / "synthetic", steps=1))
+    capsys.readouterr()
+    de.main(["--sample", str(tmp_path / "synthetic" / "latest.pt"), "--n-samples", "4",
+             "--sample-steps", "3"])
+    assert "sample quality" not in capsys.readouterr().out
+
+
 def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path, capsys,
                                                                        float32):
     """[Diffusion Encoder: the mode] --model em end to end on the synthetic set: 4 steps straight,
