@@ -2171,11 +2171,12 @@ def fake_mnist(folder, monkeypatch):
 
 
 def test_the_classifier_is_trained_once_cached_atomically_and_retrained_for_another_recipe(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     """[sample quality] mnist_classifier trains on the training split, reports its accuracy on the
     test split, and caches both in --data-dir; the next call loads the cache without training, a
     cache of another recipe is retrained, and an unreadable cache is refused with one line that
-    says to delete it."""
+    says to delete it; a folder it cannot write to (read-only data) costs the cache, said in one
+    line, not the scores."""
     fake_mnist(tmp_path, monkeypatch)
     net, accuracy = de.mnist_classifier(str(tmp_path))
     probs = de.class_probs(net, de.load_dataset("mnist", str(tmp_path), "test"))
@@ -2196,6 +2197,16 @@ def test_the_classifier_is_trained_once_cached_atomically_and_retrained_for_anot
     with pytest.raises(de.DiffEncError, match="delete it") as e:
         de.mnist_classifier(str(tmp_path))
     assert "\n" not in str(e.value)
+    (tmp_path / de.CLASSIFIER_FILE).unlink()
+
+    def read_only(path, write):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(de, "atomic_write", read_only)       # a data folder it may not write to
+    monkeypatch.setattr(de, "CLASSIFIER", dict(epochs=3, batch_size=32, lr=1e-3, seed=0))
+    _, uncached_accuracy = de.mnist_classifier(str(tmp_path))   # the first recipe again
+    assert uncached_accuracy == accuracy and not (tmp_path / de.CLASSIFIER_FILE).exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not be cached" in err and "Permission denied" in err
 
 
 def mutual_information(p):
