@@ -3066,7 +3066,7 @@ MODE_READS = dict(
     train={f.name for f in dataclasses.fields(Config)},
     bench={f.name for f in dataclasses.fields(Config)} - {
         "encoder", "out", "resume", "data_dir", "log_every", "eval_every", "eval_images",
-        "save_every", "skip_nonfinite", "sample_steps", "steps"},
+        "save_every", "skip_nonfinite", "sample_steps", "steps", "minutes"},
     eval={*CHECKPOINT_READS, "eval_images", "eval_samples", "per_t", "sigma_p", "sigma_pairs",
           "depths"},
     sample={*CHECKPOINT_READS, "sample_steps", "n_samples", "sigma_p", "sigma_pairs"},

@@ -3237,6 +3237,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         (["--tune-schedule", run / "latest.pt", "--T", 4, "--n-samples", 5], "drop --n-samples"),
         (["--train", "synthetic", *base, "--n-samples", 4], "--n-samples means nothing to"),
         (["--bench", "synthetic", "--steps", 3], "--steps means nothing to --bench"),
+        (["--bench", "synthetic", "--minutes", 1], "--minutes means nothing to --bench"),
+        (["--sample", run / "latest.pt", "--minutes", 1], "--minutes means nothing to --sample"),
     ]
     before = (run / "latest.pt").read_bytes()
     for argv, words in cases:
