@@ -644,7 +644,8 @@ class DiffEnc(nn.Module):
         self.enc = EncoderUNet(cfg, C) if cfg.encoder == "learned" else None
         self.graphed_jvp = None  # --compile on CUDA: encoder_jvp as a CUDA graph (section 11)
         # --model em: q_phi(z | x), a diffusion model in latent space (section 8)
-        self.latent_enc = LatentEncoder(cfg, image_shape) if cfg.model == "em" else None
+        encoder = GaussianEncoder if cfg.latent_encoder == "gaussian" else LatentEncoder
+        self.latent_enc = encoder(cfg, image_shape) if cfg.model == "em" else None
         for net in (self.score, self.enc, self.latent_enc):
             if net is not None:
                 lecun_init(net)
@@ -792,12 +793,13 @@ def batch_bpd(terms, image_shape):
 # -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None):
+def sample(model, n, T, seed, keep=(), var_ratio=None, cond=None, stream=()):
     """n samples with T steps: (x (n, C, H, W) uint8, {step i: x_hat at t = i/T for i in keep}).
     var_ratio (T,): sigma_P^2 / sigma_Q^2 of each step i = 1..T instead of 1 (section 4).
-    cond (n, d): --model em's latent z for each sample (section 8)."""
+    cond (n, d): --model em's latent z for each sample (section 8). stream: more ints that seed
+    the noise, for batches of one set (reconstruct)."""
     device, dtype = model.schedule.b.device, model.schedule.b.dtype
-    g = rng(seed, RNG["sample"])  # noise drawn on the CPU: the same samples on every device
+    g = rng(seed, RNG["sample"], *stream)  # drawn on the CPU: the same samples on every device
     noise = lambda: torch.randn((n, *model.image_shape), generator=g, dtype=dtype).to(device)
     z = noise()                                                                 # z_1 ~ N(0, I)
     gammas = model.schedule(torch.linspace(0, 1, T + 1, device=device, dtype=dtype))  # (T + 1,)
@@ -1055,6 +1057,18 @@ def distortion_rate(nll_z, log_q_z, z):
 LATENT_RECON = 0.5 * (math.log(2 * math.pi) + LATENT_GAMMA[0] + 1)  # per dimension, nats
 
 
+def conv_embedding(image_shape, w):
+    """h(x), (B, C, H, W) -> (B, w): three stride-2 3x3 convs (w/8, w/4, w/2 channels, SiLU), then
+    Dense. Both latent encoders (the diffusion one and the Gaussian baseline) read x through it."""
+    C, H, W = image_shape
+    convs, c_in = [], C
+    for c in (w // 8, w // 4, w // 2):  # each halves H and W (rounding up): H -> ceil(H / 8)
+        convs += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.SiLU()]
+        c_in = c
+    n_pos = math.ceil(H / 8) * math.ceil(W / 8)
+    return nn.Sequential(*convs, nn.Flatten(), nn.Linear(c_in * n_pos, w))
+
+
 class LatentEncoder(nn.Module):
     """q_phi(z | x)'s denoiser eps_hat(z_t, gamma_t; h(x)): an MLP on (z_t, the time embedding,
     h(x)), h a conv embedding of the image (three stride-2 3x3 convs, then Dense). The network adds
@@ -1064,14 +1078,8 @@ class LatentEncoder(nn.Module):
 
     def __init__(self, cfg, image_shape):
         super().__init__()
-        C, H, W = image_shape
         d, w = cfg.latent_dim, cfg.latent_width
-        self.w, convs, c_in = w, [], C
-        for c in (w // 8, w // 4, w // 2):  # each halves H and W (rounding up): H -> ceil(H / 8)
-            convs += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.SiLU()]
-            c_in = c
-        n_pos = math.ceil(H / 8) * math.ceil(W / 8)
-        self.embed = nn.Sequential(*convs, nn.Flatten(), nn.Linear(c_in * n_pos, w))
+        self.w, self.embed = w, conv_embedding(image_shape, w)
         self.mlp = nn.Sequential(nn.Linear(d + 2 * w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(),
                                  nn.Linear(w, d))
         zero_init(self.mlp[-1])
@@ -1144,6 +1152,85 @@ def em_losses(model, x_int, t, eps, eps_0, g):
     return terms.sum(), enc.mean() / (d * math.log(2)), report
 
 
+# The baseline the seed argues against (--latent-encoder gaussian): a VAE's encoder [Kingma &
+# Welling 2014, "Auto-encoding variational Bayes"], q(z | x) = N(mu(x), diag sigma^2(x)) from the
+# same embedding h(x), trained jointly with the same decoder on the same F_beta = E_q[L_dec] +
+# beta KL(q || p) by the reparameterisation trick z = mu + sigma xi: the decoder's gradient
+# reaches the encoder through z itself, so there is no E-step. Its rate is the closed-form KL.
+
+class GaussianEncoder(nn.Module):
+    """h(x) -> (mu, log sigma^2) (B, d) each, through a two-layer MLP on conv_embedding. The last
+    layer starts at zero, so q(z | x) starts as the prior N(0, I), as the diffusion encoder does."""
+
+    def __init__(self, cfg, image_shape):
+        super().__init__()
+        d, w = cfg.latent_dim, cfg.latent_width
+        self.embed = conv_embedding(image_shape, w)
+        self.head = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 2 * d))
+        zero_init(self.head[-1])
+
+    def moments(self, x):
+        """x (B, C, H, W) in [-1, 1] -> mu, log sigma^2, (B, d) each."""
+        return self.head(self.embed(x)).chunk(2, dim=1)
+
+
+def reparameterise(mu, log_var, xi):
+    """z = mu + sigma xi with sigma = exp(log sigma^2 / 2) and xi ~ N(0, I): a draw of N(mu, diag
+    sigma^2) that is differentiable in mu and sigma [Kingma & Welling 2014, eq. 10]."""
+    return mu + (0.5 * log_var).exp() * xi
+
+
+def gaussian_log_q(z, mu, log_var):
+    """log N(z; mu, diag sigma^2) per row (B,): the baseline's exact log q(z | x)."""
+    return -0.5 * ((z - mu).square() / log_var.exp() + log_var + math.log(2 * math.pi)).sum(-1)
+
+
+def gaussian_rate(mu, log_var):
+    """KL(N(mu, diag sigma^2) || N(0, I)) per row (B,), nats: sum (mu^2 + sigma^2 - log sigma^2 -
+    1) / 2 [Kingma & Welling 2014, appendix B]; the expectation over q of log q(z|x) - log p(z).
+    sigma^2 - 1 as expm1: near the prior (log sigma^2 ~ 1e-5) exp(.) - 1 - log sigma^2 cancels
+    to float32's rounding of 1, and the rate of an encoder leaving the prior would read 0."""
+    return 0.5 * (mu.square() + torch.expm1(log_var) - log_var).sum(-1)
+
+
+def gaussian_losses(model, x_int, t, eps, eps_0, g):
+    """One step of the Gaussian-encoder baseline on a batch, em_losses' signature and return: the
+    decoder's bpd on (x, z) with z = mu + sigma xi carrying the encoder's graph, beta times the
+    rate in bpd (one optimiser step on their sum trains both by the reparameterisation trick),
+    and the report (4,): the decoder's (diffusion, latent, recon) bpd and the rate in nats."""
+    x = scale_pixels(x_int, eps.dtype)                                          # (B, C, H, W)
+    mu, log_var = model.latent_enc.moments(x)                                   # (B, d) each
+    xi = torch.randn(mu.shape, generator=g, dtype=eps.dtype).to(eps.device)
+    diff, latent, recon = model(x_int, t, eps, eps_0, cond=reparameterise(mu, log_var, xi))
+    rate = gaussian_rate(mu, log_var)                                           # (B,) nats
+    terms = batch_bpd((diff, latent, recon), model.image_shape)                 # (3,) bpd
+    kl = batch_bpd((rate,), model.image_shape)[0]
+    report = torch.cat([terms.detach(), rate.detach().mean()[None]])
+    return terms.sum(), model.cfg.beta * kl, report
+
+
+def encode(model, x, xi, S):
+    """z ~ q(z | x) for x (B, C, H, W) in [-1, 1], from standard normal draws xi (S + 1, B, d):
+    the diffusion encoder's S-step ancestral sampler (xi[0] its start, xi[i] step i's noise), or
+    the Gaussian encoder's mu + sigma xi[0]."""
+    enc = model.latent_enc
+    if isinstance(enc, GaussianEncoder):
+        return reparameterise(*enc.moments(x), xi[0])
+    noise = iter(xi[1:])
+    return latent_sample(enc.denoiser(x), xi[0], S, lambda: next(noise))
+
+
+def encode_log_q(model, x, z_1, S):
+    """z (B, d) from z_1 ~ N(0, I) (B, d) by a deterministic map whose density is exact, and log
+    q(z | x) (B,): the diffusion encoder's S-step DDIM map (latent_log_q), or mu + sigma z_1."""
+    enc = model.latent_enc
+    if isinstance(enc, GaussianEncoder):
+        mu, log_var = enc.moments(x)
+        z = reparameterise(mu, log_var, z_1)
+        return z, gaussian_log_q(z, mu, log_var)
+    return latent_log_q(enc.denoiser(x), z_1, S)
+
+
 # -------------------------------------------------------------------------------------------------
 # 9. Configuration
 #
@@ -1193,6 +1280,9 @@ class Config:
     # the Diffusion Encoder (section 8): the options below --model are used only with --model em
     model: str = setting("diffenc", "diffenc: the paper's model; em: an autoencoder whose encoder "
                          "is a latent diffusion model, trained by EM", ("diffenc", "em"))
+    latent_encoder: str = setting("diffusion", "q(z | x): diffusion (the seed's, trained by EM) or "
+                                  "gaussian (a VAE's, the baseline: reparameterisation trick, "
+                                  "no E-step)", ("diffusion", "gaussian"))
     latent_dim: int = setting(16, "latent size d (at most 64: log q needs d x d Jacobians)")
     latent_width: int = setting(256, "width of the latent encoder's MLP (a multiple of 8)")
     latent_steps: int = setting(20, "the latent encoder's sampling steps S")
@@ -1242,11 +1332,12 @@ PRESETS = {
 # evaluated with the same values (the others, e.g. steps or lr, may change on resume).
 # Fields that only --model em reads: given to another model they would do nothing, so they are
 # refused (main) rather than ignored.
-EM_FIELDS = ("latent_dim", "latent_width", "latent_steps", "langevin_steps", "langevin_eta", "beta",
-             "lam")
+EM_FIELDS = ("latent_encoder", "latent_dim", "latent_width", "latent_steps", "langevin_steps",
+             "langevin_eta", "beta", "lam")
+E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "lam")  # diffusion encoder only
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
                 "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups",
-                "model", "latent_dim", "latent_width")
+                "model", "latent_encoder", "latent_dim", "latent_width")
 
 
 # What each field's value must be: every Config field has a rule here, a list of choices, or is a
@@ -1790,12 +1881,18 @@ def lock_run_folder(out):
 # What a training step reports, per model: log.csv's columns between bpd and lr, and the size of
 # the report that train_step returns (--model em adds the encoder's loss and the E-step's Delta U).
 LOG_COLUMNS = dict(diffenc=("diffusion", "latent", "recon"),
-                   em=("diffusion", "latent", "recon", "enc_nll", "delta_U"))
+                   em=("diffusion", "latent", "recon", "enc_nll", "delta_U"),
+                   gaussian=("diffusion", "latent", "recon", "rate"))
 
 
-def log_columns(model):
-    """log.csv's columns for --model diffenc or em."""
-    return ("step", "bpd") + LOG_COLUMNS[model] + ("lr",)
+def log_kind(cfg):
+    """The key of cfg's run in LOG_COLUMNS: the model, or gaussian for the em baseline."""
+    return "gaussian" if cfg.model == "em" and cfg.latent_encoder == "gaussian" else cfg.model
+
+
+def log_columns(kind):
+    """log.csv's columns for a LOG_COLUMNS key."""
+    return ("step", "bpd") + LOG_COLUMNS[kind] + ("lr",)
 
 
 def read_log(path, n_fields):
@@ -1835,8 +1932,9 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
     for group in opt.param_groups:
         group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
     if cfg.model == "em":
-        decoder_loss, encoder_loss, report = em_losses(model, *batch,
-                                                       rng(cfg.seed, step, RNG["e_step"]))
+        losses = gaussian_losses if cfg.latent_encoder == "gaussian" else em_losses
+        decoder_loss, encoder_loss, report = losses(model, *batch,
+                                                    rng(cfg.seed, step, RNG["e_step"]))
         loss = decoder_loss + encoder_loss
     else:
         terms = batch_bpd(net(*batch), model.image_shape)             # (3,): diff, latent, recon
@@ -1883,7 +1981,7 @@ def train(cfg):
     latest, best_path = os.path.join(cfg.out, "latest.pt"), os.path.join(cfg.out, "best.pt")
     step, best = 0, math.inf
     saved = None                          # the step that latest.pt holds (None: none written yet)
-    n_report = len(LOG_COLUMNS[cfg.model])
+    n_report = len(LOG_COLUMNS[log_kind(cfg)])
     window, n_window = torch.zeros(n_report, dtype=torch.float64), 0  # since the last log row
     lock = log = None
     previous = {}                         # the signal handlers to restore
@@ -1914,11 +2012,12 @@ def train(cfg):
             signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         log_path = os.path.join(cfg.out, "log.csv")
-        log = open_log(log_path, step, ",".join(log_columns(cfg.model))) if rank == 0 else None
+        log = open_log(log_path, step, ",".join(log_columns(log_kind(cfg)))) if rank == 0 else None
         B, t0, start_step, skipped = cfg.batch_size // world, time.time(), step, 0
         if rank == 0:
             n_params = sum(p.numel() for p in model.parameters())
-            em = f"model=em (d={cfg.latent_dim}, K={cfg.langevin_steps}), " * (cfg.model == "em")
+            em = (f"model=em (d={cfg.latent_dim}, " + ("gaussian encoder), " if log_kind(cfg)
+                  == "gaussian" else f"K={cfg.langevin_steps}), ")) * (cfg.model == "em")
             print(f"diffenc: {cfg.dataset} {tuple(model.image_shape)}, {em}encoder={cfg.encoder}, "
                   f"param={cfg.param}, schedule={cfg.schedule}, {n_params:,} parameters, "
                   f"device={device}, world={world}, from step {step} to {cfg.steps}", flush=True)
@@ -2005,11 +2104,13 @@ def train(cfg):
 
 def write_log_row(log, step, steps, means, lr, rate):
     """One row of log.csv (full precision) and the progress line; means: the report's window
-    mean, (diffusion, latent, recon) bpd and for --model em (encoder nll, Delta U) in nats."""
+    mean, (diffusion, latent, recon) bpd and for --model em (encoder nll, Delta U) in nats, or
+    for its Gaussian-encoder baseline the rate in nats."""
     d, l, r, *em = means.tolist()
     log.write(",".join(map(repr, [step, d + l + r, d, l, r, *em, lr])) + "\n")
     log.flush()
-    em = f" | enc {em[0]:.3f} nats/dim | E-step dU {em[1]:+.2f} nats" if em else ""
+    em = (f" | enc {em[0]:.3f} nats/dim | E-step dU {em[1]:+.2f} nats" if len(em) == 2 else
+          f" | rate {em[0]:.2f} nats" if em else "")
     print(f"step {step}/{steps} | bpd {d + l + r:.4f} (diff {d:.4f} latent {l:.5f} recon "
           f"{r:.5f}){em} | lr {lr:.1e} | {rate:.2f} it/s | "
           f"ETA {format_seconds((steps - step) / rate)}", flush=True)
@@ -2105,8 +2206,7 @@ def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
         t, eps, eps_0 = eval_draw(model, idx, seed, k)                  # (b,), 2 x (b, C, H, W)
         z_1, z_prior = (a.to(p.device, p.dtype)                         # (b, d) each
                         for a in indexed_normal(idx, (d,), 2, seed, k, RNG["latent_eval"]))
-        denoise = model.latent_enc.denoiser(scale_pixels(x_int, p.dtype))
-        z, log_q = latent_log_q(denoise, z_1, S)              # torch.func ignores the no_grad
+        z, log_q = encode_log_q(model, scale_pixels(x_int, p.dtype), z_1, S)  # (b, d), (b,)
         terms = model(x_int, t, eps, eps_0, cond=z)                      # D's terms, (b,) each
         _, rate = distortion_rate(sum(terms), log_q, z)
         # D_prior: only the diffusion term sees z; the boundary terms (and the encoder's pass
@@ -2145,6 +2245,10 @@ def run_eval(ckpt_paths, args):
     between two checkpoints are paired and their standard error is that of the per-image
     differences."""
     se, curves, totals = std_err, [], []
+    if args.sample_steps and all(load_checkpoint(p)["config"]["model"] != "em"
+                                 for p in ckpt_paths):
+        raise DiffEncError("--sample-steps sets the decoder's steps for the reconstructions of "
+                           "--model em checkpoints, and none is given; drop --sample-steps")
     for path in ckpt_paths:
         ckpt = load_checkpoint(path)
         cfg = Config(**ckpt["config"])
@@ -2164,7 +2268,13 @@ def run_eval(ckpt_paths, args):
             bpd = evaluate_em(model, data, batch_size, seed, args.eval_images or 0,
                               args.eval_samples, args.latent_steps)              # (N, 5)
             total = report_em_bound(path, ckpt, bpd, args)
-            plot_em_log(path)
+            S = (args.latent_steps or cfg.latent_steps) if log_kind(cfg) == "em" else None
+            T_dec = args.sample_steps or cfg.sample_steps
+            idx = torch.arange(len(bpd))                    # the images the bound was taken on
+            recon = reconstruct(model, data[idx], idx, S, T_dec, seed, batch_size)
+            report_coherence(data[idx], recon, idx, args.data_dir or cfg.data_dir, seed, S,
+                             T_dec, cfg.dataset == "mnist")
+            plot_em_log(path, log_kind(cfg))
         else:
             bpd = run()                                                          # (N, 3)
             total = bpd.sum(1)                                                   # (N,)
@@ -2296,10 +2406,12 @@ def checkpoint_increment(cfg, path, args, T):
 
 def refuse_latent_steps(cfg, path, args):
     """--latent-steps S sets the sampling steps of an em checkpoint's encoder; any other checkpoint
-    has no latent encoder, and the flag would be ignored."""
-    if args.latent_steps is not None and cfg.model != "em":
-        raise DiffEncError(f"--latent-steps is an option of --model em checkpoints, and {path} is "
-                           f"a --model {cfg.model} checkpoint; drop --latent-steps")
+    has no latent encoder, and the Gaussian encoder's has no steps: the flag would be ignored."""
+    if args.latent_steps is not None and log_kind(cfg) != "em":
+        what = f"--model {cfg.model}" if cfg.model != "em" else "--latent-encoder gaussian"
+        raise DiffEncError(f"--latent-steps is an option of --model em checkpoints with the "
+                           f"diffusion encoder, and {path} is a {what} checkpoint; drop "
+                           f"--latent-steps")
 
 
 def report_em_bound(path, ckpt, bpd, args):
@@ -2309,10 +2421,11 @@ def report_em_bound(path, ckpt, bpd, args):
     D, R, d_prior = bpd[:, :3].sum(1), bpd[:, 3], bpd[:, 4]
     total, carried = D + R, d_prior - D
     S = args.latent_steps or cfg.latent_steps
+    z = (f"the encoder's {S}-step deterministic sampler" if log_kind(cfg) == "em" else
+         "the Gaussian encoder, mu + sigma xi,")
     print(f"{path}: test bpd {total.mean():.4f} ± {se(total):.4f} = D + R, an upper bound on "
           f"-log2 p(x) / dim (standard error over {len(total)} images of the {cfg.dataset} test "
-          f"split; z from the encoder's {S}-step deterministic sampler with exact log q, EMA "
-          f"weights, step {ckpt['step']})")
+          f"split; z from {z} with exact log q, EMA weights, step {ckpt['step']})")
     for name, col in (("D", D), ("  diffusion", bpd[:, 0]), ("  latent", bpd[:, 1]),
                       ("  recon", bpd[:, 2]), ("R", R), ("D_prior - D", carried)):
         print(f"  {name:11s} {col.mean():.5f} ± {se(col):.5f}")
@@ -2321,28 +2434,32 @@ def report_em_bound(path, ckpt, bpd, args):
     return total
 
 
-def plot_em_log(ckpt_path):
-    """The training curves of a --model em run, from the log.csv beside its checkpoint (if there
-    is one): the decoder's bpd, the encoder's -log q bound and the E-step's Delta U against the
-    step, one SVG each: whether encoder and decoder are in step."""
+def plot_em_log(ckpt_path, kind):
+    """The training curves of a --model em run (LOG_COLUMNS key kind: em or gaussian), from the
+    log.csv beside its checkpoint (if there is one): the decoder's bpd, and the encoder's -log q
+    bound and the E-step's Delta U (em) or the rate (gaussian) against the step, one SVG each:
+    whether encoder and decoder are in step."""
     path = os.path.join(os.path.dirname(ckpt_path) or ".", "log.csv")
     if not os.path.isfile(path):
         return
-    columns = log_columns("em")
+    columns = log_columns(kind)
     rows = np.array([row for _, row in read_log(path, len(columns))]).reshape(-1, len(columns))
     if len(rows) < 2:
         return
     step, col = rows[:, 0], lambda name: rows[:, columns.index(name)]
     prefix = path[:-len("log.csv")] + "em_log"
-    svg_plot(f"{prefix}_bpd.svg", step, [(col("bpd"), "black", None, False)], "step",
-             "decoder bpd (training batches)")
-    svg_plot(f"{prefix}_enc.svg", step, [(col("enc_nll"), "#1f77b4", None, False)], "step",
-             "encoder: -log q(z_K | x) bound, nats/dim")
-    svg_plot(f"{prefix}_dU.svg", step, [(col("delta_U"), "#d62728", None, False),
-                                        (0 * step, "gray", None, True)], "step",
-             "E-step: Delta U (nats)")
-    print(f"  wrote {prefix}_bpd.svg, {prefix}_enc.svg, {prefix}_dU.svg: the run's training "
-          f"curves from {path}")
+    plots = [("bpd", [(col("bpd"), "black", None, False)], "decoder bpd (training batches)")]
+    if kind == "em":
+        plots += [("enc", [(col("enc_nll"), "#1f77b4", None, False)],
+                   "encoder: -log q(z_K | x) bound, nats/dim"),
+                  ("dU", [(col("delta_U"), "#d62728", None, False), (0 * step, "gray", None, True)],
+                   "E-step: Delta U (nats)")]
+    else:
+        plots += [("rate", [(col("rate"), "#1f77b4", None, False)], "rate KL(q || p), nats")]
+    for name, curves, ylabel in plots:
+        svg_plot(f"{prefix}_{name}.svg", step, curves, "step", ylabel)
+    print(f"  wrote {', '.join(f'{prefix}_{name}.svg' for name, _, _ in plots)}: the run's "
+          f"training curves from {path}")
 
 
 def sigma_p_estimate(model, ckpt, path, args):
@@ -2546,6 +2663,66 @@ def report_sample_quality(x, data_dir, seed):
     return (is_x, conf_x), (is_r, conf_r)
 
 
+# Coherence of reconstructions (--model em, section 8). Does a test image, encoded to z ~ q(z|x)
+# and decoded by the sampler, keep its identity? Two numbers per image: whether the classifier
+# above gives the reconstruction the input's label (the class agreement; its ceiling is the
+# classifier's accuracy on the inputs themselves, its floor 1/10 for a reconstruction unrelated
+# to the input), and the pixel distance of the reconstruction to its input over its distance to
+# another test image (the distance ratio: about 1 when the input is forgotten, 0 when copied).
+
+def reconstruct(model, x_int, idx, S, T, seed, batch_size):
+    """Reconstructions (N, C, H, W) uint8 of test images x_int (N, C, H, W) uint8 with test-set
+    indices idx (N,): z ~ q(z | x) (S encoder steps; the draws a function of seed and the image's
+    index, so every checkpoint sees the same; S None for the Gaussian encoder, which has no
+    steps), then the decoder's T-step sampler given z."""
+    p, d, out = next(model.parameters()), model.cfg.latent_dim, []
+    for b0 in range(0, len(x_int), batch_size):
+        x, i = x_int[b0:b0 + batch_size].to(p.device), idx[b0:b0 + batch_size]
+        xi = torch.stack(indexed_normal(i, (d,), (S or 0) + 1, seed, RNG["latent_sample"]))
+        with torch.no_grad():
+            z = encode(model, scale_pixels(x, p.dtype), xi.to(p.device, p.dtype), S)   # (b, d)
+        out.append(sample(model, len(x), T, seed, cond=z, stream=(b0,))[0])
+    return torch.cat(out)
+
+
+def coherence(x, recon, seed, probs=None, labels=None):
+    """Per image (N,) float64: the distance ratio |recon_i - x_i| / |recon_i - x_j(i)|, j(i) a
+    random other image of the set (a random cyclic derangement: never i itself), and, given the
+    classifier's probs (N, 10) of recon and the inputs' labels (N,), the class agreement (1 where
+    argmax probs is the label). x, recon (N, C, H, W) uint8, N >= 2."""
+    perm = torch.randperm(len(x), generator=rng(seed, RNG["quality"]))
+    other = torch.empty_like(perm)
+    other[perm] = perm.roll(-1)                      # perm[k]'s partner is perm[k + 1]
+    dist = lambda a, b: (a.double() - b.double()).flatten(1).norm(dim=1)       # (N,)
+    ratio = dist(recon, x) / dist(recon, x[other])
+    agree = None if probs is None else (probs.argmax(1) == labels).double()
+    return ratio, agree
+
+
+def report_coherence(x, recon, idx, data_dir, seed, S, T, mnist):
+    """Print the distance ratio and, on MNIST, the class agreement of reconstructions recon of the
+    test images x (indices idx), each with its standard error over images, beside the
+    classifier's accuracy on clean test images and on these inputs. Returns (ratio, agree)."""
+    probs = labels = None
+    if mnist:
+        net, accuracy = mnist_classifier(data_dir)
+        labels = load_mnist_labels(data_dir, "test")[idx]
+        probs = class_probs(net, recon)
+        on_inputs = (class_probs(net, x).argmax(1) == labels).double().mean().item()
+    ratio, agree = coherence(x, recon, seed, probs, labels)
+    steps = f" with {S} encoder steps" if S else ""
+    where = f"{len(x)} test images, z ~ q(z|x){steps}, {T} decoder steps"
+    if mnist:
+        print(f"  class agreement {100 * agree.mean():.1f} ± {100 * std_err(agree):.1f} % "
+              f"(reconstructions given their input's label; {where}; MNIST classifier: "
+              f"{100 * accuracy:.1f} % on clean test images, {100 * on_inputs:.1f} % on these "
+              f"inputs, 10 % for unrelated images)")
+        where = "the same reconstructions"
+    print(f"  distance ratio {ratio.mean():.3f} ± {std_err(ratio):.3f} (|recon - input| / |recon "
+          f"- another test image|, mean over images; {where}; 1: the input is forgotten)")
+    return ratio, agree
+
+
 def run_sample(ckpt_path, args):
     """A grid of samples, and one of the reverse process: x_hat(z_t) at SAMPLE_TS, then the sample.
     Steps: --T, else --sample-steps, else the checkpoint's T (a tuned schedule's), else its
@@ -2626,19 +2803,16 @@ def run_race(args):
 
 def sample_em(model, ckpt, ckpt_path, T, args):
     """--sample on a --model em checkpoint: n generations (z ~ N(0, I), then the decoder's T-step
-    sampler), and n test images beside their reconstructions (z ~ q_phi(z | x), ancestral, then
-    the same sampler), as two PNG grids beside CKPT."""
+    sampler), and the first n test images beside their reconstructions (reconstruct), as two PNG
+    grids beside CKPT, with the generations' quality and the reconstructions' coherence."""
     cfg, n, seed = model.cfg, args.n_samples, args.seed or 0
     p, d = next(model.parameters()), cfg.latent_dim
     g = rng(seed, RNG["latent_sample"])
     normal = lambda: torch.randn((n, d), generator=g, dtype=p.dtype).to(p.device)
     generated, _ = sample(model, n, T, seed, cond=normal())                # (n, C, H, W) uint8
     test = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, "test")[:n]
-    with torch.no_grad():
-        denoise = model.latent_enc.denoiser(scale_pixels(test.to(p.device), p.dtype))
-        S = args.latent_steps or cfg.latent_steps
-        z = latent_sample(denoise, normal(), S, normal)                    # (n, d) ~ q_phi(z | x)
-    recon, _ = sample(model, len(test), T, seed, cond=z)
+    S = (args.latent_steps or cfg.latent_steps) if log_kind(cfg) == "em" else None
+    recon = reconstruct(model, test, torch.arange(len(test)), S, T, seed, len(test))
     prefix = os.path.join(os.path.dirname(ckpt_path) or ".", f"em_step{ckpt['step']}_T{T}")
     write_png(f"{prefix}_samples.png", image_grid(generated, math.ceil(math.sqrt(n))))
     pairs = torch.stack([test, recon], 1).flatten(0, 1)                    # (2n, C, H, W)
@@ -2648,6 +2822,9 @@ def sample_em(model, ckpt, ckpt_path, T, args):
           f"{prefix}_recon.png")
     if cfg.dataset == "mnist":
         report_sample_quality(generated, args.data_dir or cfg.data_dir, seed)
+    if len(test) > 1:
+        report_coherence(test, recon, torch.arange(len(test)), args.data_dir or cfg.data_dir,
+                         seed, S, T, cfg.dataset == "mnist")
     return generated, recon
 
 
@@ -3055,6 +3232,9 @@ def build_parser():
         else:
             p.add_argument(flag, type=f.type, default=None, choices=f.metadata.get("choices"),
                            help=f"{f.metadata['help']} (default {f.default})")
+    # argparse's own errors (an unknown flag, a value not among the choices) print the usage
+    # too; one line that names the flag and the allowed values is the rule here, as for the rest
+    p.error = lambda message: p.exit(2, f"diffenc: {message}; see --help\n")
     return p
 
 
@@ -3068,7 +3248,7 @@ MODE_READS = dict(
         "encoder", "out", "resume", "data_dir", "log_every", "eval_every", "eval_images",
         "save_every", "skip_nonfinite", "sample_steps", "steps", "minutes"},
     eval={*CHECKPOINT_READS, "eval_images", "eval_samples", "per_t", "sigma_p", "sigma_pairs",
-          "depths"},
+          "depths", "sample_steps"},
     sample={*CHECKPOINT_READS, "sample_steps", "n_samples", "sigma_p", "sigma_pairs"},
     inspect={"data_dir", "batch_size"},
     race={f.name for f in dataclasses.fields(Config)} - {"encoder", "increment", "resume"} | {
@@ -3116,13 +3296,19 @@ def main(argv=None):
         if args.inspect and args.increment:
             raise DiffEncError("--inspect shows the encoder, not a T-step model; drop --increment")
         if args.depths and not (args.eval and args.T is None and not args.per_t
-                                and args.sigma_p == "equal" and min(args.depths) > 0):
+                                and args.sigma_p == "equal" and min(args.depths) > 0
+                                and args.sample_steps is None):
             raise DiffEncError("--depths T [T ...] is an option of --eval that sets the steps "
-                               "itself (T > 0); drop --T, --per-t and --sigma-p")
+                               "itself (T > 0); drop --T, --per-t, --sigma-p and --sample-steps")
         if args.per_t and not args.eval:
             raise DiffEncError("--per-t is an option of --eval; use --eval CKPT [CKPT ...] --per-t")
         unused = [f for f in EM_FIELDS if getattr(args, f) is not None]
         trains = args.train or args.bench or args.race
+        e_step = [f for f in E_STEP_FIELDS if getattr(args, f) is not None]
+        if trains and args.latent_encoder == "gaussian" and e_step:
+            flag = "--" + e_step[0].replace("_", "-")
+            raise DiffEncError(f"{flag} sets the diffusion encoder's sampler or E-step, and "
+                               f"--latent-encoder gaussian has neither; drop {flag}")
         if trains and (args.model or Config.model) != "em" and unused:
             flag = "--" + unused[0].replace("_", "-")
             raise DiffEncError(f"{flag} is an option of --model em; add --model em or drop {flag}")

@@ -2042,6 +2042,130 @@ def test_at_init_the_latent_encoder_is_the_prior_and_the_bound_knows_its_rate_ex
     assert torch.allclose(bpd[:, 4], bpd[:, :3].sum(1), rtol=1e-14, atol=0)
 
 
+def test_the_gaussian_rate_is_the_kl_of_its_reparameterised_draws():
+    """[Gaussian encoder: rate] gaussian_rate, the closed-form KL(N(mu, diag sigma^2) || N(0, I)),
+    is the mean of log q(z) - log p(z) over z = reparameterise(mu, log_var, xi): within 4
+    standard errors of a 100,000-draw Monte Carlo mean, for rows whose rates differ and are
+    several nats. The draws have variance sigma^2 per dimension (within 4 s.e. of the sample
+    variance: sigma in place of sigma^2 is far outside), and gaussian_log_q is torch's Normal
+    log-density (to 1e-12 of its scale)."""
+    g, N = seeded(0), 100_000
+    mu, log_var = torch.randn(3, 4, generator=g), 1.5 * torch.randn(3, 4, generator=g)
+    z = de.reparameterise(mu, log_var, torch.randn(N, 3, 4, generator=g))         # (N, 3, 4)
+    log_q = de.gaussian_log_q(z, mu, log_var)                                     # (N, 3)
+    normal = torch.distributions.Normal(mu, (0.5 * log_var).exp())
+    assert close_to_scale(log_q[:100], normal.log_prob(z[:100]).sum(-1), 1e-12)
+    mc = log_q - de.log_standard_normal(z)                                        # (N, 3)
+    rate = de.gaussian_rate(mu, log_var)                                          # (3,)
+    assert ((mc.mean(0) - rate).abs() < 4 * mc.std(0) / math.sqrt(N)).all()
+    assert rate.min() > 1 and (rate.max() - rate.min()) > 1
+    var = log_var.exp()
+    assert ((z.var(0) - var).abs() < 4 * math.sqrt(2 / N) * var).all()
+    # near the prior, in float32 (an encoder just leaving it): the rate is log_var^2 / 4 per
+    # dimension to leading order, 2.5e-11 here, and must not cancel to float32's rounding of 1
+    near = torch.full((1, 4), 1e-5, dtype=torch.float32)
+    exact = de.gaussian_rate(near.double() * 0, near.double())
+    assert abs(de.gaussian_rate(near * 0, near).item() / exact.item() - 1) < 1e-3
+
+
+def test_the_gaussian_encoders_bound_is_exact_at_the_posterior_and_above_it_elsewhere():
+    """[Gaussian encoder: D + R] Linear-Gaussian toy: p(z) = N(0, I), p(x | z) = N(W z + b, s^2 I)
+    with W's columns orthogonal, so the posterior is N(m, diag v), v_j = 1 / (1 + |w_j|^2 / s^2),
+    m = v W^T (x - b) / s^2. With the Gaussian encoder's moments set to (m, log v), encode_log_q's
+    z and exact log q, through distortion_rate, give D + R = -log p(x) (p(x) = N(b, W W^T +
+    s^2 I)) for every z_1, to 1e-10: the bound is tight at the posterior. With other moments its
+    mean over draws is -log p(x) + KL(q || posterior) (within 4 s.e. of that closed form, which
+    is several nats here)."""
+    g, d, s2 = seeded(1), 3, 0.5
+    W = torch.linalg.qr(torch.randn(6, d, generator=g))[0] * torch.tensor([2.0, 1.0, 0.5])
+    b, x = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    cov = W @ W.T + s2 * torch.eye(6)
+    log_px = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
+    v = 1 / (1 + W.square().sum(0) / s2)                                          # (d,)
+    m = v * (W.T @ (x - b)) / s2                                                  # (d,)
+    enc = de.GaussianEncoder(de.Config(latent_dim=d, latent_width=8), (1, 8, 8))
+    model = type("Model", (), dict(latent_enc=enc))()
+    nll = lambda z: -torch.distributions.Normal(z @ W.T + b, math.sqrt(s2)).log_prob(x).sum(-1)
+
+    def bound(mu, log_var, n):
+        enc.moments = lambda _: (mu.expand(n, d), log_var.expand(n, d))
+        z, log_q = de.encode_log_q(model, None, torch.randn(n, d, generator=g), S=None)
+        return sum(de.distortion_rate(nll(z), log_q, z))                          # (n,)
+    exact = bound(m, v.log(), 50)
+    assert (exact + log_px).abs().max() < 1e-10
+    mu, log_var = m + torch.tensor([1.0, -0.5, 0.3]), v.log() + torch.tensor([0.8, -0.6, 0.0])
+    n, var = 100_000, log_var.exp()
+    loose = bound(mu, log_var, n)
+    kl = 0.5 * (var / v + (mu - m).square() / v - 1 + v.log() - log_var).sum()
+    assert kl > 1 and abs(loose.mean() + log_px - kl) < 4 * loose.std() / math.sqrt(n)
+
+
+def test_the_gaussian_baselines_step_is_beta_times_the_rate_and_reaches_the_encoder_through_z():
+    """[Gaussian encoder: training] gaussian_losses returns the decoder's bpd and beta times the
+    closed-form rate in bpd (beta = 0.3 here, so a dropped beta shows), and the decoder's loss
+    alone has a non-zero gradient on the encoder's weights: the reparameterisation trick carries
+    the decoder's pressure to the encoder (a detached z would leave it at 0). reconstruct draws
+    each image's latent noise from its test-set index, whatever batch it is in."""
+    model = em_model(latent_encoder="gaussian", beta=0.3)
+    randomize(model.score)
+    randomize(model.latent_enc)
+    torch.nn.init.normal_(model.latent_enc.head[-1].bias, generator=seeded(5))  # a rate of nats
+    x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(0), dtype=torch.uint8)
+    t = torch.rand(4, generator=seeded(1))
+    eps, eps_0 = (torch.randn(4, 1, 8, 8, generator=seeded(k)) for k in (2, 3))
+    dec, enc, report = de.gaussian_losses(model, x_int, t, eps, eps_0, seeded(4))
+    rate = de.gaussian_rate(*model.latent_enc.moments(de.scale_pixels(x_int)))
+    assert torch.allclose(enc, 0.3 * de.batch_bpd((rate,), (1, 8, 8))[0], rtol=1e-12, atol=0)
+    assert torch.allclose(report[3], rate.mean(), rtol=1e-12) and rate.min() > 0.1
+    grads = torch.autograd.grad(dec, list(model.latent_enc.parameters()), allow_unused=True)
+    assert max(g.abs().max() for g in grads if g is not None) > 1e-6
+    import unittest.mock
+    with unittest.mock.patch.object(de, "sample", lambda m, n, T, seed, cond, stream: (cond, {})):
+        z_all = de.reconstruct(model, x_int, torch.arange(4), None, 3, 0, 4)
+        z_one = de.reconstruct(model, x_int[2:3], torch.tensor([2]), None, 3, 0, 1)
+        z_moved = de.reconstruct(model, x_int[2:3], torch.tensor([3]), None, 3, 0, 1)
+    assert torch.equal(z_all[2:3], z_one) and not torch.equal(z_one, z_moved)
+
+
+def test_class_agreement_is_the_classifiers_accuracy_for_the_input_and_chance_for_another_image(
+        tmp_path, monkeypatch, capsys):
+    """[coherence] report_coherence, given the test images themselves as their 'reconstructions',
+    gives a class agreement equal to the classifier's accuracy on those inputs (> 0.95) and a
+    distance ratio of 0; given unrelated images of the same classes (a reconstruction that
+    forgot its input), an agreement near chance (< 0.3; 10 classes) and a ratio near 1. Both
+    printed with standard errors, beside the classifier's accuracy on clean test images."""
+    x, y = separable_digits(600, 0)
+    net = de.train_classifier(x, y, epochs=3, batch_size=32, lr=1e-3, seed=0)
+    test, labels = separable_digits(300, 1)
+    monkeypatch.setattr(de, "mnist_classifier", lambda data_dir: (net, 0.97))
+    monkeypatch.setattr(de, "load_mnist_labels", lambda data_dir, split: labels)
+    idx = torch.arange(100, 300)                                  # not the first images
+    on_inputs = (de.class_probs(net, test[idx]).argmax(1) == labels[idx]).double().mean()
+    ratio, agree = de.report_coherence(test[idx], test[idx], idx, str(tmp_path), 0, 20, 5, True)
+    out = capsys.readouterr().out
+    assert agree.mean() == on_inputs > 0.95 and ratio.abs().max() == 0
+    assert f"class agreement {100 * on_inputs:.1f} ± " in out and "97.0 % on clean" in out, out
+    unrelated, _ = separable_digits(200, 2)
+    ratio, agree = de.report_coherence(test[idx], unrelated, idx, str(tmp_path), 0, 20, 5, True)
+    assert agree.mean() < 0.3 and 0.8 < ratio.mean() < 1.25
+    assert "distance ratio" in capsys.readouterr().out
+
+
+def test_the_distance_ratio_compares_each_reconstruction_with_another_image_never_itself():
+    """[coherence] coherence's partner of each image is another image (a derangement: with two
+    images each is the other's), so a reconstruction that copies its input has ratio 0 and one
+    that copies its partner has ratio inf; without the classifier's output no agreement."""
+    x = torch.randint(0, 256, (2, 1, 4, 4), generator=seeded(0), dtype=torch.uint8)
+    ratio, agree = de.coherence(x, x, seed=0)
+    assert ratio.tolist() == [0.0, 0.0] and agree is None
+    ratio, _ = de.coherence(x, x.flip(0), seed=0)
+    assert ratio.isinf().all()
+    for seed in range(5):                         # five images: no partner is the image itself
+        y = torch.randint(0, 256, (5, 1, 4, 4), generator=seeded(seed), dtype=torch.uint8)
+        assert (de.coherence(y, y, seed)[0] == 0).all()
+        assert (de.coherence(y, y.roll(1, 0), seed)[0] > 0).all()
+
+
 # ------------------------------------------------------------------------------- 9. configuration
 
 
@@ -2049,7 +2173,8 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine",
     gamma_min=-1e6, gamma_max=31.0, T=-1, increment="rk4", size="huge", n_embd=0, n_layer=0,
     norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5,
-    enc_dropout=-0.1, model="vae", latent_dim=65, latent_width=12, latent_steps=0,
+    enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_dim=65, latent_width=12,
+    latent_steps=0,
     langevin_steps=-1, langevin_eta=0.0, beta=0.0, lam=1.0, steps=0, minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, ema=1.0, seed=-1, out="",
     resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0, skip_nonfinite=1,
@@ -3091,7 +3216,8 @@ def test_sample_prints_the_quality_of_mnist_samples_for_diffenc_and_em_checkpoin
         tmp_path, monkeypatch, capsys, float32):
     """[sample quality] --sample on an MNIST checkpoint, of --model diffenc and of --model em (its
     generations), prints the sample-quality line for its n samples beside the ceiling of the first
-    n test images; on another data set it prints none (the classifier knows MNIST only)."""
+    n test images, and for em the class agreement of its reconstructions, as --eval of the em
+    checkpoint does; on another data set it prints none (the classifier knows MNIST only)."""
     fake_mnist(tmp_path, monkeypatch)
     for name, kw in (("diffenc", {}), ("em", dict(model="em", encoder="none", latent_dim=4,
                                                   latent_width=8, latent_steps=3,
@@ -3101,7 +3227,12 @@ def test_sample_prints_the_quality_of_mnist_samples_for_diffenc_and_em_checkpoin
         capsys.readouterr()
         de.main(["--sample", str(tmp_path / name / "latest.pt"), "--n-samples", "4",
                  "--sample-steps", "3"])
-        assert "sample quality (4 images; MNIST classifier" in capsys.readouterr().out, name
+        out = capsys.readouterr().out
+        assert "sample quality (4 images; MNIST classifier" in out, name
+        assert ("class agreement" in out) == (name == "em"), out
+    de.main(["--eval", str(tmp_path / "em" / "latest.pt"), "--eval-images", "6", "--batch-size",
+             "3", "--sample-steps", "2"])
+    assert "class agreement" in capsys.readouterr().out
     de.train(tiny_config(tmp_path / "synthetic", steps=1))
     capsys.readouterr()
     de.main(["--sample", str(tmp_path / "synthetic" / "latest.pt"), "--n-samples", "4",
@@ -3136,9 +3267,11 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
                for i in a["opt"]["state"] for k in a["opt"]["state"][i])
     de.train(tiny_config(vdm, steps=1, encoder="none"))
     capsys.readouterr()
-    de.main(["--eval", str(straight / "latest.pt"), str(vdm / "latest.pt"), "--batch-size", "8"])
+    de.main(["--eval", str(straight / "latest.pt"), str(vdm / "latest.pt"), "--batch-size", "8",
+             "--sample-steps", "3"])
     out = capsys.readouterr().out
-    for words in ("= D + R, an upper bound", "D_prior - D", "minus", "recon", "em_log_dU.svg"):
+    for words in ("= D + R, an upper bound", "D_prior - D", "minus", "recon", "em_log_dU.svg",
+                  "distance ratio", "3 decoder steps"):
         assert words in out, out
     assert (straight / "em_log_dU.svg").read_text().startswith("<svg")
     assert all(" ± " in line for line in out.splitlines() if line.strip()[:1] in ("D", "R"))
@@ -3160,9 +3293,61 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
             (["--eval", ckpt, "--beta", 0.5], "--beta is a training option of --model em"),
             (["--sample", ckpt, "--langevin-eta", 0.1], "drop --langevin-eta"),
             (["--eval", vdm / "latest.pt", "--latent-steps", 5], "drop --latent-steps"),
+            (["--eval", vdm / "latest.pt", "--sample-steps", 5], "drop --sample-steps"),
+            (["--eval", vdm / "latest.pt", "--depths", 2, "--sample-steps", 5],
+             "drop --T, --per-t, --sigma-p and --sample-steps"),
             (["--sample", vdm / "latest.pt", "--latent-steps", 5], "drop --latent-steps"),
             (["--tune-schedule", vdm / "latest.pt", "--T", 4, "--latent-steps", 5],
              "drop --latent-steps")):
+        code, err = main_error(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
+
+
+def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_path, capsys,
+                                                                          float32):
+    """[Gaussian encoder: the mode] --model em --latent-encoder gaussian end to end on the synthetic
+    set: 6 steps straight, and 3 then --resume to 6, give the same log.csv (with the rate column,
+    which is positive: the encoder left the prior) and the same weights bit for bit; --eval prints
+    D + R with R from the exact Gaussian log q, D_prior - D and the distance ratio; --sample
+    writes both grids. --latent-encoder other than diffusion/gaussian, or without --model em, and
+    the diffusion encoder's options given with gaussian (to --train, or --latent-steps to --eval
+    of its checkpoint), get one line and exit code 2."""
+    gauss = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
+                                          latent_width=8, latent_encoder="gaussian", lr=1e-2,
+                                          warmup=1, **kw)   # steps large enough to leave the prior
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    de.train(gauss(straight, steps=6))   # z reaches the decoder's output from step 3 (ScoreUNet)
+    de.train(gauss(resumed, steps=3))
+    de.train(gauss(resumed, steps=6, resume=True))
+    log = (straight / "log.csv").read_text()
+    assert log == (resumed / "log.csv").read_text()
+    header, *rows = log.splitlines()
+    assert header == "step,bpd,diffusion,latent,recon,rate,lr" and len(rows) == 6
+    assert float(rows[-1].split(",")[5]) > 0
+    a, b = (de.load_checkpoint(str(d / "latest.pt")) for d in (straight, resumed))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert isinstance(de.model_from_checkpoint(a, torch.device("cpu")).latent_enc,
+                      de.GaussianEncoder)
+    capsys.readouterr()
+    ckpt = straight / "latest.pt"
+    de.main(["--eval", str(ckpt), "--batch-size", "8", "--sample-steps", "3"])
+    out = capsys.readouterr().out
+    for words in ("= D + R, an upper bound", "the Gaussian encoder, mu + sigma xi,", "D_prior - D",
+                  "distance ratio", "em_log_rate.svg"):
+        assert words in out, out
+    de.main(["--sample", str(ckpt), "--n-samples", "4", "--sample-steps", "3"])
+    for grid in ("samples", "recon"):
+        assert (straight / f"em_step6_T3_{grid}.png").read_bytes()[:4] == b"\x89PNG"
+    em = ["--train", "synthetic", *TINY, "--model", "em", "--steps", 1, "--out", tmp_path / "new"]
+    for argv, words in (
+            ([*em, "--latent-encoder", "vae"], "--latent-encoder: invalid choice: 'vae'"),
+            (["--train", "synthetic", *TINY, "--latent-encoder", "gaussian"],
+             "--latent-encoder is an option of --model em"),
+            ([*em, "--latent-encoder", "gaussian", "--langevin-eta", 0.1], "drop --langevin-eta"),
+            ([*em, "--latent-encoder", "gaussian", "--latent-steps", 5], "drop --latent-steps"),
+            (["--eval", ckpt, "--latent-steps", 5], "--latent-encoder gaussian checkpoint"),
+            (["--sample", ckpt, "--latent-steps", 5], "--latent-encoder gaussian checkpoint")):
         code, err = main_error(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
 
