@@ -259,20 +259,27 @@ def group_norm(channels, groups):
 
 class ResBlock(nn.Module):
     """GN -> SiLU -> conv3x3 -> + Dense(temb) -> GN -> SiLU -> dropout -> conv3x3 (zero init)
-    -> + skip."""
+    -> + skip. With film_dim (--latent-cond film, section 8): the second GN's output is scaled
+    and shifted by the latent's embedding, (1 + s(z)) GN(h) + b(z) [FiLM, Perez et al. 2018; the
+    AdaGN of diffusion autoencoders, Preechakul et al. 2022]; s, b start at zero (the identity)."""
 
-    def __init__(self, c_in, c_out, temb_dim, groups, dropout):
+    def __init__(self, c_in, c_out, temb_dim, groups, dropout, film_dim=0):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.temb = nn.Linear(temb_dim, c_out, bias=False)
         self.norm2, self.conv2 = group_norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        zero_init(self.temb, self.conv2)
+        self.film = nn.Linear(film_dim, 2 * c_out) if film_dim else None
+        zero_init(self.temb, self.conv2, *([self.film] if film_dim else []))
 
-    def forward(self, x, temb):  # x: (B, c_in, H, W), temb: (B, temb_dim) -> (B, c_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x))) + self.temb(temb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+    def forward(self, x, temb, zemb=None):
+        # x: (B, c_in, H, W), temb: (B, temb_dim), zemb: (B, film_dim) -> (B, c_out, H, W)
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))) + self.temb(temb)[:, :, None, None])
+        if self.film is not None:
+            scale, shift = self.film(zemb)[:, :, None, None].chunk(2, dim=1)    # (B, c_out, 1, 1)
+            h = (1 + scale) * h + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -329,6 +336,9 @@ def lecun_init(module):
                 nn.init.zeros_(m.bias)
 
 
+LATENT_MAP = 4  # --latent-cond spatial: channels of z's map, as many as z_t's Fourier features
+
+
 class ScoreUNet(nn.Module):
     """VDM's score network: (z_t (B, C, H, W), gamma_t (B,)) -> v_hat or eps_hat (B, C, H, W);
     with --model em also given cond, the latent z (B, d) that the decoder is conditioned on.
@@ -337,37 +347,49 @@ class ScoreUNet(nn.Module):
     conv is zero) v_hat = 0, the target's mean, instead of z_t, which at low noise is about x and
     far from v = alpha eps - sigma x; it starts closer and learns faster early (README)."""
 
-    def __init__(self, cfg, channels):
+    def __init__(self, cfg, image_shape):
         super().__init__()
+        C, H, W = image_shape
         n, groups = cfg.n_embd, cfg.norm_groups  # GroupNorm(32) [VDM]
         self.gamma_min, self.gamma_max, self.n = cfg.gamma_min, cfg.gamma_max, n
         self.param = cfg.param
-        self.temb = time_mlp(n)
-        self.conv_in = nn.Conv2d(5 * channels, n, 3, padding=1)  # z + 4 Fourier channels each
-        block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout)
-        self.down = nn.ModuleList([block(n) for _ in range(cfg.n_layer)])
-        self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups, fused=True), block(n)
-        self.up = nn.ModuleList([block(2 * n) for _ in range(cfg.n_layer + 1)])
-        self.norm_out, self.conv_out = group_norm(n, groups), nn.Conv2d(n, channels, 3, padding=1)
-        zero_init(self.conv_out)
         # --model em (section 8): the latent z (B, d) enters as t does, added to the time
         # embedding through two Dense layers; not zero-initialised, because a decoder blind to z
         # is a fixed point of EM (the posterior is then the prior, and nothing moves z). The
         # layers after the embedding start at zero as in VDM; z reaches the output from step 3.
+        # --latent-cond film also scales and shifts every ResBlock by it; spatial also paints it
+        # onto the canvas: Dense(z) -> LATENT_MAP channels at H x W, input channels beside z_t's.
+        em, cond = cfg.model == "em", cfg.latent_cond
         self.zemb = (nn.Sequential(nn.Linear(cfg.latent_dim, 4 * n), nn.SiLU(),
-                                   nn.Linear(4 * n, 4 * n)) if cfg.model == "em" else None)
+                                   nn.Linear(4 * n, 4 * n)) if em else None)
+        self.zmap = nn.Linear(cfg.latent_dim, LATENT_MAP * H * W) if em and cond == "spatial" \
+            else None
+        self.temb = time_mlp(n)
+        c_map = LATENT_MAP if self.zmap is not None else 0
+        self.conv_in = nn.Conv2d(5 * C + c_map, n, 3, padding=1)  # z + 4 Fourier channels each
+        film = 4 * n if em and cond == "film" else 0
+        block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout, film)
+        self.down = nn.ModuleList([block(n) for _ in range(cfg.n_layer)])
+        self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups, fused=True), block(n)
+        self.up = nn.ModuleList([block(2 * n) for _ in range(cfg.n_layer + 1)])
+        self.norm_out, self.conv_out = group_norm(n, groups), nn.Conv2d(n, C, 3, padding=1)
+        zero_init(self.conv_out)
 
     def forward(self, z, gamma, cond=None):
         t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)  # (B,), in [0, 1]
         temb = self.temb(timestep_embedding(1000 * t_in, self.n))            # (B, 4n)
-        if self.zemb is not None:
-            temb = temb + self.zemb(cond)                                    # p_theta(x | z)
-        hs = [self.conv_in(torch.cat([z, fourier_features(z)], dim=1))]      # (B, n, H, W)
+        zemb, h = None, [z, fourier_features(z)]
+        if self.zemb is not None:                                            # p_theta(x | z)
+            zemb = self.zemb(cond)                                           # (B, 4n)
+            temb = temb + zemb
+        if self.zmap is not None:
+            h.append(self.zmap(cond).view(len(z), LATENT_MAP, *z.shape[2:]))  # (B, 4, H, W)
+        hs = [self.conv_in(torch.cat(h, dim=1))]                             # (B, n, H, W)
         for blk in self.down:
-            hs.append(blk(hs[-1], temb))
-        h = self.mid2(self.attn(self.mid1(hs[-1], temb)), temb)
+            hs.append(blk(hs[-1], temb, zemb))
+        h = self.mid2(self.attn(self.mid1(hs[-1], temb, zemb)), temb, zemb)
         for blk in self.up:
-            h = blk(torch.cat([h, hs.pop()], dim=1), temb)                   # (B, n, H, W)
+            h = blk(torch.cat([h, hs.pop()], dim=1), temb, zemb)             # (B, n, H, W)
         out = self.conv_out(F.silu(self.norm_out(h)))                        # (B, C, H, W)
         return out if self.param == "v-nobase" else out + z              # base measure: + z
 
@@ -640,7 +662,7 @@ class DiffEnc(nn.Module):
                                f"{2 ** cfg.enc_levels}); lower --enc-levels")
         self.cfg, self.image_shape = cfg, tuple(image_shape)
         self.schedule = NoiseSchedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max)
-        self.score = ScoreUNet(cfg, C)
+        self.score = ScoreUNet(cfg, image_shape)
         self.enc = EncoderUNet(cfg, C) if cfg.encoder == "learned" else None
         self.graphed_jvp = None  # --compile on CUDA: encoder_jvp as a CUDA graph (section 11)
         # --model em: q_phi(z | x), a diffusion model in latent space (section 8)
@@ -1283,6 +1305,10 @@ class Config:
     latent_encoder: str = setting("diffusion", "q(z | x): diffusion (the seed's, trained by EM) or "
                                   "gaussian (a VAE's, the baseline: reparameterisation trick, "
                                   "no E-step)", ("diffusion", "gaussian"))
+    latent_cond: str = setting("temb", "how the decoder reads z: temb (added to the time "
+                               "embedding), film (and a scale and shift in every ResBlock) or "
+                               "spatial (and a map of z beside the image's channels)",
+                               ("temb", "film", "spatial"))
     latent_dim: int = setting(16, "latent size d (at most 64: log q needs d x d Jacobians)")
     latent_width: int = setting(256, "width of the latent encoder's MLP (a multiple of 8)")
     latent_steps: int = setting(20, "the latent encoder's sampling steps S")
@@ -1332,12 +1358,12 @@ PRESETS = {
 # evaluated with the same values (the others, e.g. steps or lr, may change on resume).
 # Fields that only --model em reads: given to another model they would do nothing, so they are
 # refused (main) rather than ignored.
-EM_FIELDS = ("latent_encoder", "latent_dim", "latent_width", "latent_steps", "langevin_steps",
-             "langevin_eta", "beta", "lam")
+EM_FIELDS = ("latent_encoder", "latent_cond", "latent_dim", "latent_width", "latent_steps",
+             "langevin_steps", "langevin_eta", "beta", "lam")
 E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "lam")  # diffusion encoder only
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
                 "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups",
-                "model", "latent_encoder", "latent_dim", "latent_width")
+                "model", "latent_encoder", "latent_cond", "latent_dim", "latent_width")
 
 
 # What each field's value must be: every Config field has a rule here, a list of choices, or is a

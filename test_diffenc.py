@@ -1890,6 +1890,54 @@ def test_a_decoder_blind_to_z_is_a_fixed_point_and_the_real_decoder_is_not_blind
     assert torch.equal(*chains) and not torch.equal(chains[0], z.detach())
 
 
+def test_film_and_the_spatial_map_extend_the_time_embedding_route_and_each_carries_z():
+    """[Diffusion Encoder: --latent-cond] film and spatial add a route for z beside the time
+    embedding's, and nothing else: with the route's own layers zeroed (every ResBlock's FiLM
+    layer; the map's Dense), the decoder's output is exactly that of the temb decoder with the
+    same other weights (FiLM is (1 + s) GN(h) + b, the identity at s = b = 0; the map's input
+    channels are then zero). With the route's layers random, the output differs and depends on z
+    through the route alone (the gradient to those layers is non-zero). Inside a ResBlock, FiLM
+    is (1 + s(z)) GN(h) + b(z) after the time embedding is added, checked against that formula
+    written out. All layers random (randomize), so none of this holds by a zero. "Exactly" is up
+    to float64 rounding: the same operations, a conv summing extra zero channels in another
+    order, errors ~1e-16 per term over < 1e3 terms, so 1e-10 of the output's largest entry."""
+    x = torch.randn(3, 1, 8, 8, generator=seeded(1))
+    gamma, cond = torch.tensor([-3.0, 0.0, 2.0]), torch.randn(3, 3, generator=seeded(2))
+    temb = randomize(em_model(latent_cond="temb"))
+    for cond_kind, route in (("film", lambda m: [b.film for b in m.score.modules()
+                                                 if isinstance(b, de.ResBlock)]),
+                             ("spatial", lambda m: [m.score.zmap])):
+        model = randomize(em_model(latent_cond=cond_kind))
+        state = model.state_dict()
+        for name, w in temb.state_dict().items():  # the common weights: the temb model's
+            state[name] = w if name != "score.conv_in.weight" else \
+                torch.cat([w, state[name][:, w.shape[1]:]], dim=1)
+        model.load_state_dict(state)
+        layers = route(model)
+        for layer in layers:
+            torch.nn.init.normal_(layer.weight, std=0.3)
+            torch.nn.init.normal_(layer.bias, std=0.3)
+        out = model.predict(x, gamma, cond)
+        assert (out - temb.predict(x, gamma, cond)).abs().max() > 1e-2, cond_kind
+        grads = torch.autograd.grad(out.square().sum(), [l.weight for l in layers])
+        assert all(g.abs().max() > 0 for g in grads), cond_kind
+        for layer in layers:
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+        want = temb.predict(x, gamma, cond)
+        assert (model.predict(x, gamma, cond) - want).abs().max() <= 1e-10 * want.abs().max()
+    block = randomize(de.ResBlock(4, 4, 6, 2, 0.0, film_dim=5))
+    torch.nn.init.normal_(block.film.bias, std=0.3)
+    h, t_emb, z_emb = (torch.randn(*s, generator=seeded(i)) for i, s in
+                       enumerate([(2, 4, 5, 5), (2, 6), (2, 5)]))
+    scale, shift = block.film(z_emb)[:, :, None, None].chunk(2, dim=1)
+    silu = torch.nn.functional.silu
+    inner = block.norm2(block.conv1(silu(block.norm1(h))) + block.temb(t_emb)[:, :, None, None])
+    want = h + block.conv2(silu((1 + scale) * inner + shift))
+    assert (block(h, t_emb, z_emb) - want).abs().max() <= 1e-10 * want.abs().max()
+    assert (scale.abs().max() > 0.1) and (shift.abs().max() > 0.1)
+
+
 def test_the_latent_encoder_learns_the_posterior_from_its_samples_and_not_from_its_own():
     """[Diffusion Encoder: encoder M-step] The LatentEncoder network, trained by
     latent_denoising_loss for 200 Adam steps (lr 1e-2 decaying linearly to 0) on exact posterior
@@ -3252,7 +3300,8 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
     --tune-schedule (the checkpoint holds them), and --latent-steps for a checkpoint that has no
     latent encoder."""
     em = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
-                                       latent_width=8, latent_steps=3, langevin_steps=2, **kw)
+                                       latent_width=8, latent_steps=3, langevin_steps=2,
+                                       latent_cond="spatial", **kw)
     straight, resumed, vdm = tmp_path / "straight", tmp_path / "resumed", tmp_path / "vdm"
     de.train(em(straight, steps=4))
     de.train(em(resumed, steps=2))
@@ -3309,12 +3358,13 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
     set: 6 steps straight, and 3 then --resume to 6, give the same log.csv (with the rate column,
     which is positive: the encoder left the prior) and the same weights bit for bit; --eval prints
     D + R with R from the exact Gaussian log q, D_prior - D and the distance ratio; --sample
-    writes both grids. --latent-encoder other than diffusion/gaussian, or without --model em, and
-    the diffusion encoder's options given with gaussian (to --train, or --latent-steps to --eval
-    of its checkpoint), get one line and exit code 2."""
+    writes both grids; with --latent-cond film (and the em test's spatial), resume stays bit-exact.
+    --latent-encoder or --latent-cond outside its choices, or without --model em, or given to
+    --eval, and the diffusion encoder's options given with gaussian (to --train, or
+    --latent-steps to --eval of its checkpoint), get one line and exit code 2."""
     gauss = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
                                           latent_width=8, latent_encoder="gaussian", lr=1e-2,
-                                          warmup=1, **kw)   # steps large enough to leave the prior
+                                          warmup=1, latent_cond="film", **kw)  # lr: leave the prior
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     de.train(gauss(straight, steps=6))   # z reaches the decoder's output from step 3 (ScoreUNet)
     de.train(gauss(resumed, steps=3))
@@ -3342,6 +3392,10 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
     em = ["--train", "synthetic", *TINY, "--model", "em", "--steps", 1, "--out", tmp_path / "new"]
     for argv, words in (
             ([*em, "--latent-encoder", "vae"], "--latent-encoder: invalid choice: 'vae'"),
+            ([*em, "--latent-cond", "concat"], "--latent-cond: invalid choice: 'concat'"),
+            (["--train", "synthetic", *TINY, "--latent-cond", "film"],
+             "--latent-cond is an option of --model em"),
+            (["--eval", ckpt, "--latent-cond", "spatial"], "--latent-cond is a training option"),
             (["--train", "synthetic", *TINY, "--latent-encoder", "gaussian"],
              "--latent-encoder is an option of --model em"),
             ([*em, "--latent-encoder", "gaussian", "--langevin-eta", 0.1], "drop --langevin-eta"),
