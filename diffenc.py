@@ -2220,12 +2220,16 @@ def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None,
 
 @torch.no_grad()
 def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
-    """--model em's bound per image, averaged over `samples` draws, (N, 5) float64 bpd: D in its
-    three terms (diffusion, latent, recon), R, and D_prior. D + R is the bound of section 8 with z
-    from the encoder's deterministic S-step sampler (its exact log q: latent_log_q); D_prior is
-    the decoder's -ELBO with z ~ N(0, I) instead (the bound of q = p(z): R = 0), so D_prior - D is
-    what the latent tells the decoder. D and D_prior use evaluate's (t, eps, eps_0) per image, so
-    they pair with each other and with any other checkpoint's test bpd."""
+    """--model em's bound per image, averaged over `samples` draws, (N, 6) float64 bpd: D in its
+    three terms (diffusion, latent, recon), R, D_prior and D_other. D + R is the bound of section
+    8 with z from the encoder's deterministic S-step sampler (its exact log q: latent_log_q);
+    D_prior is the decoder's -ELBO with z ~ N(0, I) instead (the bound of q = p(z): R = 0), so
+    D_prior - D is what the latent is worth to the decoder against the prior; D_other, with the
+    latent the encoder gave the batch's previous image (z rolled by one: another image's z in a
+    batch of 2 or more), so D_other - D is what it is worth because it is *this* image's. A
+    latent that is the same for every image (q narrow around one point) has D_other = D, however
+    large D_prior - D and R are. All use evaluate's (t, eps, eps_0) per image, so they pair with
+    each other and with any other checkpoint's test bpd."""
     p, S, d = next(model.parameters()), S or model.cfg.latent_steps, model.cfg.latent_dim
 
     def columns(idx, x_int, k):
@@ -2238,8 +2242,9 @@ def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
         # D_prior: only the diffusion term sees z; the boundary terms (and the encoder's pass
         # at t = 0 and 1) are D's
         x = scale_pixels(x_int, eps.dtype)
-        d_prior = sum((decoder_nll(model, x, t, eps)(z_prior), *terms[1:]))
-        return torch.stack([*terms, rate, d_prior], 1)
+        d_prior, d_other = (sum((decoder_nll(model, x, t, eps)(c), *terms[1:]))
+                            for c in (z_prior, z.roll(1, 0)))
+        return torch.stack([*terms, rate, d_prior, d_other], 1)
     return per_image(model, data, batch_size, n_images, samples, columns)
 
 
@@ -2292,7 +2297,7 @@ def run_eval(ckpt_paths, args):
                                                   ratio)
         if cfg.model == "em":
             bpd = evaluate_em(model, data, batch_size, seed, args.eval_images or 0,
-                              args.eval_samples, args.latent_steps)              # (N, 5)
+                              args.eval_samples, args.latent_steps)              # (N, 6)
             total = report_em_bound(path, ckpt, bpd, args)
             S = (args.latent_steps or cfg.latent_steps) if log_kind(cfg) == "em" else None
             T_dec = args.sample_steps or cfg.sample_steps
@@ -2444,8 +2449,8 @@ def report_em_bound(path, ckpt, bpd, args):
     """Print --model em's bound D + R, its parts and D_prior - D, each with its standard error
     over images; returns D + R per image (N,) for the pairing with other checkpoints."""
     cfg, se = Config(**ckpt["config"]), std_err
-    D, R, d_prior = bpd[:, :3].sum(1), bpd[:, 3], bpd[:, 4]
-    total, carried = D + R, d_prior - D
+    D, R, d_prior, d_other = bpd[:, :3].sum(1), bpd[:, 3], bpd[:, 4], bpd[:, 5]
+    total, carried, specific = D + R, d_prior - D, d_other - D
     S = args.latent_steps or cfg.latent_steps
     z = (f"the encoder's {S}-step deterministic sampler" if log_kind(cfg) == "em" else
          "the Gaussian encoder, mu + sigma xi,")
@@ -2453,10 +2458,13 @@ def report_em_bound(path, ckpt, bpd, args):
           f"-log2 p(x) / dim (standard error over {len(total)} images of the {cfg.dataset} test "
           f"split; z from {z} with exact log q, EMA weights, step {ckpt['step']})")
     for name, col in (("D", D), ("  diffusion", bpd[:, 0]), ("  latent", bpd[:, 1]),
-                      ("  recon", bpd[:, 2]), ("R", R), ("D_prior - D", carried)):
+                      ("  recon", bpd[:, 2]), ("R", R), ("D_prior - D", carried),
+                      ("D_other - D", specific)):
         print(f"  {name:11s} {col.mean():.5f} ± {se(col):.5f}")
     print(f"  (D_prior: the decoder's -ELBO with z ~ N(0, I), {d_prior.mean():.4f}; D_prior - D "
-          f"is what the latent tells the decoder, near 0 if the posterior collapsed)")
+          f"is what the latent is worth against the prior, near 0 if the posterior collapsed; "
+          f"D_other: with another test image's latent from q, {d_other.mean():.4f}; D_other - D "
+          f"is what it tells the decoder about this image, near 0 if z is the same for all)")
     return total
 
 

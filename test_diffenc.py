@@ -22,6 +22,7 @@ of (x, eps)). No sampling noise: the tests are deterministic.
 """
 
 
+import argparse
 import copy
 import dataclasses
 import gzip
@@ -2079,7 +2080,7 @@ def test_at_init_the_latent_encoder_is_the_prior_and_the_bound_knows_its_rate_ex
     alpha, sigma = de.alpha_sigma(gammas)
     c = (alpha[:-1] * alpha[1:] + sigma[:-1] * sigma[1:]).prod()
     data = torch.randint(0, 256, (6, 1, 8, 8), generator=seeded(1), dtype=torch.uint8)
-    bpd = de.evaluate_em(model, data, 4, seed=3)                                   # (6, 5)
+    bpd = de.evaluate_em(model, data, 4, seed=3)                                   # (6, 6)
     z_1 = de.indexed_normal(torch.arange(6), (d,), 2, 3, 0, de.RNG["latent_eval"])[0]
     rate = -d * torch.log(c) - 0.5 * z_1.square().sum(1) * (1 - c ** 2)       # nats
     assert torch.allclose(bpd[:, 3], de.bits_per_dim([rate], (1, 8, 8)), rtol=0, atol=1e-10)
@@ -2088,6 +2089,38 @@ def test_at_init_the_latent_encoder_is_the_prior_and_the_bound_knows_its_rate_ex
     torch.nn.init.zeros_(model.score.zemb[-1].bias)
     bpd = de.evaluate_em(model, data, 4, seed=3)
     assert torch.allclose(bpd[:, 4], bpd[:, :3].sum(1), rtol=1e-14, atol=0)
+
+
+def test_d_other_tells_a_latent_that_is_the_same_for_every_image_from_one_that_carries_it(
+        capsys):
+    """[coherence: D_other] A Gaussian encoder whose q(z|x) is one narrow point for every image
+    (mu = 2, sigma = e^-20, whatever x) pays a large rate, and the decoder, which reads z, gives
+    another loss for a prior draw (|D_prior - D| > 0.01 bpd per image; a trained decoder that
+    expects the point does worse with anything else), yet the latent says nothing about the
+    image: D_other - D, the decoder with another image's latent, is 0 to 1e-6 bpd (the latents
+    differ by sigma's e^-20 draws). With an encoder whose mean depends on x, D_other - D
+    is non-zero for every image. This is the measure that D_prior - D is not: the latter counts a
+    constant the decoder has learnt to expect as information. --eval prints D_other - D from its
+    own column."""
+    model = em_model(latent_encoder="gaussian").eval()
+    randomize(model.score)                                     # a decoder that reads z
+    data = torch.randint(0, 256, (6, 1, 8, 8), generator=seeded(1), dtype=torch.uint8)
+    head = model.latent_enc.head[-1]
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([2.0] * 3 + [-40.0] * 3))  # mu = 2, log sigma^2 = -40
+    bpd = de.evaluate_em(model, data, 6, seed=3)                                   # (6, 6)
+    D = bpd[:, :3].sum(1)
+    assert (bpd[:, 3] > 0.1).all() and ((bpd[:, 4] - D).abs() > 0.01).all()
+    assert (bpd[:, 5] - D).abs().max() < 1e-6
+    torch.nn.init.normal_(head.weight, std=3.0)                # mu now depends on x
+    bpd = de.evaluate_em(model, data, 6, seed=3)
+    assert ((bpd[:, 5] - bpd[:, :3].sum(1)).abs() > 1e-4).all()
+    ckpt = dict(config=dataclasses.asdict(model.cfg), step=0)
+    de.report_em_bound("em.pt", ckpt, bpd, argparse.Namespace(latent_steps=None))
+    line = next(l for l in capsys.readouterr().out.splitlines() if "D_other - D " in l)
+    assert float(line.split()[3]) == pytest.approx((bpd[:, 5] - bpd[:, :3].sum(1)).mean().item(),
+                                                   abs=1e-5)
 
 
 def test_the_gaussian_rate_is_the_kl_of_its_reparameterised_draws():
