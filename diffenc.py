@@ -360,6 +360,7 @@ class ScoreUNet(nn.Module):
         # --latent-cond film also scales and shifts every ResBlock by it; spatial also paints it
         # onto the canvas: Dense(z) -> LATENT_MAP channels at H x W, input channels beside z_t's.
         em, cond = cfg.model == "em", cfg.latent_cond
+        self.gate = em and cfg.latent_gate
         self.zemb = (nn.Sequential(nn.Linear(cfg.latent_dim, 4 * n), nn.SiLU(),
                                    nn.Linear(4 * n, 4 * n)) if em else None)
         self.zmap = nn.Linear(cfg.latent_dim, LATENT_MAP * H * W) if em and cond == "spatial" \
@@ -379,6 +380,8 @@ class ScoreUNet(nn.Module):
         t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)  # (B,), in [0, 1]
         temb = self.temb(timestep_embedding(1000 * t_in, self.n))            # (B, 4n)
         zemb, h = None, [z, fourier_features(z)]
+        if self.gate:  # --latent-gate: z read as sigma_t z, nothing at low noise (section 8)
+            cond = alpha_sigma(gamma[:, None])[1] * cond                     # (B, d)
         if self.zemb is not None:                                            # p_theta(x | z)
             zemb = self.zemb(cond)                                           # (B, 4n)
             temb = temb + zemb
@@ -1309,6 +1312,8 @@ class Config:
                                "embedding), film (and a scale and shift in every ResBlock) or "
                                "spatial (and a map of z beside the image's channels)",
                                ("temb", "film", "spatial"))
+    latent_gate: bool = setting(False, "the decoder reads sigma_t z instead of z: the latent "
+                                "acts where the noise hides the image, and not at low noise")
     latent_dim: int = setting(16, "latent size d (at most 64: log q needs d x d Jacobians)")
     latent_width: int = setting(256, "width of the latent encoder's MLP (a multiple of 8)")
     latent_steps: int = setting(20, "the latent encoder's sampling steps S")
@@ -1358,12 +1363,13 @@ PRESETS = {
 # evaluated with the same values (the others, e.g. steps or lr, may change on resume).
 # Fields that only --model em reads: given to another model they would do nothing, so they are
 # refused (main) rather than ignored.
-EM_FIELDS = ("latent_encoder", "latent_cond", "latent_dim", "latent_width", "latent_steps",
-             "langevin_steps", "langevin_eta", "beta", "lam")
+EM_FIELDS = ("latent_encoder", "latent_cond", "latent_gate", "latent_dim", "latent_width",
+             "latent_steps", "langevin_steps", "langevin_eta", "beta", "lam")
 E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "lam")  # diffusion encoder only
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
                 "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups",
-                "model", "latent_encoder", "latent_cond", "latent_dim", "latent_width")
+                "model", "latent_encoder", "latent_cond", "latent_gate", "latent_dim",
+                "latent_width")
 
 
 # What each field's value must be: every Config field has a rule here, a list of choices, or is a

@@ -1939,6 +1939,32 @@ def test_film_and_the_spatial_map_extend_the_time_embedding_route_and_each_carri
     assert (scale.abs().max() > 0.1) and (shift.abs().max() > 0.1)
 
 
+def test_the_latent_gate_hands_the_decoder_sigma_t_z():
+    """[Diffusion Encoder: --latent-gate] The gated decoder is the ungated one (same weights, all
+    of them random) given sigma_t z for z, at every gamma and for every way of reading z (temb,
+    film, spatial): to float64 rounding (the same operations on the same numbers, 1e-12 of the
+    output's largest entry). It is not the ungated decoder given z itself (the gate acts), and
+    at gamma = -13.3 (t = 0, sigma = 0.0013) the gradient of the output by z is below 1 % of
+    that at gamma = 5 (sigma = 0.996): the latent has almost no say where the noise is small."""
+    x = torch.randn(3, 1, 8, 8, generator=seeded(1))
+    cond = torch.randn(3, 3, generator=seeded(2))
+    for kind in ("temb", "film", "spatial"):
+        gated = randomize(em_model(latent_cond=kind, latent_gate=True))
+        plain = em_model(latent_cond=kind)
+        plain.load_state_dict(gated.state_dict())
+        for g in (-13.3, -2.0, 5.0):
+            gamma = torch.full((3,), g)
+            sigma = de.alpha_sigma(gamma[:, None])[1]
+            want = plain.predict(x, gamma, sigma * cond)
+            assert (gated.predict(x, gamma, cond) - want).abs().max() <= 1e-12 * want.abs().max()
+        gamma = torch.zeros(3)
+        assert (gated.predict(x, gamma, cond) - plain.predict(x, gamma, cond)).abs().max() > 1e-3
+        z = cond.clone().requires_grad_(True)
+        dz = [torch.autograd.grad(gated.predict(x, torch.full((3,), g), z).square().sum(), z)[0]
+              for g in (-13.3, 5.0)]
+        assert dz[0].abs().max() < 0.01 * dz[1].abs().max(), kind
+
+
 def test_the_latent_encoder_learns_the_posterior_from_its_samples_and_not_from_its_own():
     """[Diffusion Encoder: encoder M-step] The LatentEncoder network, trained by
     latent_denoising_loss for 200 Adam steps (lr 1e-2 decaying linearly to 0) on exact posterior
