@@ -3360,7 +3360,7 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
     latent encoder."""
     em = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
                                        latent_width=8, latent_steps=3, langevin_steps=2,
-                                       latent_cond="spatial", **kw)
+                                       latent_cond="spatial", latent_gate=True, **kw)
     straight, resumed, vdm = tmp_path / "straight", tmp_path / "resumed", tmp_path / "vdm"
     de.train(em(straight, steps=4))
     de.train(em(resumed, steps=2))
@@ -3378,7 +3378,8 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
     de.main(["--eval", str(straight / "latest.pt"), str(vdm / "latest.pt"), "--batch-size", "8",
              "--sample-steps", "3"])
     out = capsys.readouterr().out
-    for words in ("= D + R, an upper bound", "D_prior - D", "minus", "recon", "em_log_dU.svg",
+    for words in ("= D + R, an upper bound", "D_prior - D", "D_other - D", "minus", "recon",
+                  "em_log_dU.svg",
                   "distance ratio", "3 decoder steps"):
         assert words in out, out
     assert (straight / "em_log_dU.svg").read_text().startswith("<svg")
@@ -3417,7 +3418,8 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
     set: 6 steps straight, and 3 then --resume to 6, give the same log.csv (with the rate column,
     which is positive: the encoder left the prior) and the same weights bit for bit; --eval prints
     D + R with R from the exact Gaussian log q, D_prior - D and the distance ratio; --sample
-    writes both grids; with --latent-cond film (and the em test's spatial), resume stays bit-exact.
+    writes both grids; with --latent-cond film (and the em test's spatial with --latent-gate),
+    resume stays bit-exact.
     --latent-encoder or --latent-cond outside its choices, or without --model em, or given to
     --eval, and the diffusion encoder's options given with gaussian (to --train, or
     --latent-steps to --eval of its checkpoint), get one line and exit code 2."""
