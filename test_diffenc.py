@@ -3379,8 +3379,7 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
              "--sample-steps", "3"])
     out = capsys.readouterr().out
     for words in ("= D + R, an upper bound", "D_prior - D", "D_other - D", "minus", "recon",
-                  "em_log_dU.svg",
-                  "distance ratio", "3 decoder steps"):
+                  "em_log_dU.svg", "distance ratio", "3 decoder steps"):
         assert words in out, out
     assert (straight / "em_log_dU.svg").read_text().startswith("<svg")
     assert all(" ± " in line for line in out.splitlines() if line.strip()[:1] in ("D", "R"))
