@@ -951,8 +951,14 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
 # models. A denoiser maps (z_t (B, d), gamma_t (B,)) to eps_hat (B, d), each row from its own row
 # (the encoder's conditioning on x is bound inside it). At the end of the section, --model em
 # puts them together with networks: the decoder is section 5's model with z added to the score
-# U-Net's time embedding (ScoreUNet.zemb), the encoder's denoiser is LatentEncoder, and em_losses
-# is one EM iteration on a batch.
+# U-Net's time embedding (ScoreUNet.zemb; --latent-cond film or spatial add a route, --latent-gate
+# hands it sigma_t z), the encoder's denoiser is LatentEncoder, and em_losses is one EM
+# iteration on a batch.
+# Why the gate: the decoder's -ELBO weighs low noise, where z_t already shows the image and a
+# latent can only be a constant the decoder learns to expect. Without the gate, MNIST runs paid
+# tens of nats of rate for a q(z | x) narrow around one point for every image: D_prior - D large,
+# D_other - D (another image's latent) near 0, reconstructions at chance (issue 25). sigma_t z
+# keeps the latent out of the low-noise terms, so its gradient comes from where it can help.
 # -------------------------------------------------------------------------------------------------
 
 # The latent encoder's fixed linear schedule, gamma from -10 to 10: sigma^2 = sigmoid(gamma) is
