@@ -353,28 +353,30 @@ class ScoreUNet(nn.Module):
         n, groups = cfg.n_embd, cfg.norm_groups  # GroupNorm(32) [VDM]
         self.gamma_min, self.gamma_max, self.n = cfg.gamma_min, cfg.gamma_max, n
         self.param = cfg.param
-        # --model em (section 8): the latent z (B, d) enters as t does, added to the time
-        # embedding through two Dense layers; not zero-initialised, because a decoder blind to z
-        # is a fixed point of EM (the posterior is then the prior, and nothing moves z). The
-        # layers after the embedding start at zero as in VDM; z reaches the output from step 3.
-        # --latent-cond film also scales and shifts every ResBlock by it; spatial also paints it
-        # onto the canvas: Dense(z) -> LATENT_MAP channels at H x W, input channels beside z_t's.
-        em, cond = cfg.model == "em", cfg.latent_cond
+        # --model em's reading of z (section 8), decided first: conv_in's width depends on it.
+        em, route = cfg.model == "em", cfg.latent_cond
         self.gate = em and cfg.latent_gate
-        self.zemb = (nn.Sequential(nn.Linear(cfg.latent_dim, 4 * n), nn.SiLU(),
-                                   nn.Linear(4 * n, 4 * n)) if em else None)
-        self.zmap = nn.Linear(cfg.latent_dim, LATENT_MAP * H * W) if em and cond == "spatial" \
-            else None
+        c_map = LATENT_MAP if em and route == "spatial" else 0
+        film = 4 * n if em and route == "film" else 0
         self.temb = time_mlp(n)
-        c_map = LATENT_MAP if self.zmap is not None else 0
         self.conv_in = nn.Conv2d(5 * C + c_map, n, 3, padding=1)  # z + 4 Fourier channels each
-        film = 4 * n if em and cond == "film" else 0
         block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout, film)
         self.down = nn.ModuleList([block(n) for _ in range(cfg.n_layer)])
         self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups, fused=True), block(n)
         self.up = nn.ModuleList([block(2 * n) for _ in range(cfg.n_layer + 1)])
         self.norm_out, self.conv_out = group_norm(n, groups), nn.Conv2d(n, C, 3, padding=1)
         zero_init(self.conv_out)
+        # --model em (section 8): the latent z (B, d) enters as t does, added to the time
+        # embedding through two Dense layers; not zero-initialised, because a decoder blind to z
+        # is a fixed point of EM (the posterior is then the prior, and nothing moves z). The
+        # layers after the embedding start at zero as in VDM; z reaches the output from step 3.
+        # --latent-cond film also scales and shifts every ResBlock by it; spatial also paints it
+        # onto the canvas: Dense(z) -> LATENT_MAP channels at H x W, input channels beside z_t's.
+        # (Built last, so that the layers above draw the same initial weights as before they
+        # existed: earlier checkpoints and README runs stay reproducible.)
+        self.zemb = (nn.Sequential(nn.Linear(cfg.latent_dim, 4 * n), nn.SiLU(),
+                                   nn.Linear(4 * n, 4 * n)) if em else None)
+        self.zmap = nn.Linear(cfg.latent_dim, c_map * H * W) if c_map else None
 
     def forward(self, z, gamma, cond=None):
         t_in = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)  # (B,), in [0, 1]
@@ -954,11 +956,12 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
 # U-Net's time embedding (ScoreUNet.zemb; --latent-cond film or spatial add a route, --latent-gate
 # hands it sigma_t z), the encoder's denoiser is LatentEncoder, and em_losses is one EM
 # iteration on a batch.
-# Why the gate: the decoder's -ELBO weighs low noise, where z_t already shows the image and a
-# latent can only be a constant the decoder learns to expect. Without the gate, MNIST runs paid
-# tens of nats of rate for a q(z | x) narrow around one point for every image: D_prior - D large,
-# D_other - D (another image's latent) near 0, reconstructions at chance (issue 25). sigma_t z
-# keeps the latent out of the low-noise terms, so its gradient comes from where it can help.
+# Why a gate: the decoder's -ELBO weighs low noise, where z_t already shows the image and the
+# latent cannot help. On MNIST (Gaussian encoder, tiny, beta 0.1) the ungated decoders learnt to
+# expect one value of z: q(z | x) narrow around nearly the same point for every image, D_prior
+# - D large, reconstructions at chance. sigma_t z keeps the latent out of the low-noise terms (a
+# hypothesis and a lever, not a fix: in short runs it moved the class agreement from 10-13 % to
+# 16-17 % on 100 images, about one standard error; issue 25).
 # -------------------------------------------------------------------------------------------------
 
 # The latent encoder's fixed linear schedule, gamma from -10 to 10: sigma^2 = sigmoid(gamma) is
@@ -2254,6 +2257,9 @@ def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
         # D_prior: only the diffusion term sees z; the boundary terms (and the encoder's pass
         # at t = 0 and 1) are D's
         x = scale_pixels(x_int, eps.dtype)
+        if len(z) < 2:
+            raise DiffEncError("D_other pairs each image with another of its batch, and a batch "
+                               "holds one image; change --eval-images or --batch-size")
         d_prior, d_other = (sum((decoder_nll(model, x, t, eps)(c), *terms[1:]))
                             for c in (z_prior, z.roll(1, 0)))
         return torch.stack([*terms, rate, d_prior, d_other], 1)
@@ -2458,8 +2464,9 @@ def refuse_latent_steps(cfg, path, args):
 
 
 def report_em_bound(path, ckpt, bpd, args):
-    """Print --model em's bound D + R, its parts and D_prior - D, each with its standard error
-    over images; returns D + R per image (N,) for the pairing with other checkpoints."""
+    """Print --model em's bound D + R, its parts, D_prior - D and D_other - D, each with its
+    standard error over images; returns D + R per image (N,) for the pairing with other
+    checkpoints."""
     cfg, se = Config(**ckpt["config"]), std_err
     D, R, d_prior, d_other = bpd[:, :3].sum(1), bpd[:, 3], bpd[:, 4], bpd[:, 5]
     total, carried, specific = D + R, d_prior - D, d_other - D

@@ -2127,7 +2127,8 @@ def test_d_other_tells_a_latent_that_is_the_same_for_every_image_from_one_that_c
     differ by sigma's e^-20 draws). With an encoder whose mean depends on x, D_other - D
     is non-zero for every image. This is the measure that D_prior - D is not: the latter counts a
     constant the decoder has learnt to expect as information. --eval prints D_other - D from its
-    own column."""
+    own column; a batch of one image, which has no other image, is refused, not paired with
+    itself (D_other = D would read as "no information")."""
     model = em_model(latent_encoder="gaussian").eval()
     randomize(model.score)                                     # a decoder that reads z
     data = torch.randint(0, 256, (6, 1, 8, 8), generator=seeded(1), dtype=torch.uint8)
@@ -2142,6 +2143,8 @@ def test_d_other_tells_a_latent_that_is_the_same_for_every_image_from_one_that_c
     torch.nn.init.normal_(head.weight, std=3.0)                # mu now depends on x
     bpd = de.evaluate_em(model, data, 6, seed=3)
     assert ((bpd[:, 5] - bpd[:, :3].sum(1)).abs() > 1e-4).all()
+    with pytest.raises(de.DiffEncError, match="change --eval-images or --batch-size"):
+        de.evaluate_em(model, data, 5, seed=3)                  # its last batch: one image
     ckpt = dict(config=dataclasses.asdict(model.cfg), step=0)
     de.report_em_bound("em.pt", ckpt, bpd, argparse.Namespace(latent_steps=None))
     line = next(l for l in capsys.readouterr().out.splitlines() if "D_other - D " in l)
@@ -2280,9 +2283,8 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine",
     gamma_min=-1e6, gamma_max=31.0, T=-1, increment="rk4", size="huge", n_embd=0, n_layer=0,
     norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5,
-    enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_dim=65, latent_width=12,
-    latent_steps=0,
-    langevin_steps=-1, langevin_eta=0.0, beta=0.0, lam=1.0, steps=0, minutes=-1.0,
+    enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_cond="concat", latent_gate="yes",
+    latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1, langevin_eta=0.0, beta=0.0, lam=1.0, steps=0, minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, ema=1.0, seed=-1, out="",
     resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0, skip_nonfinite=1,
     sample_steps=0, amp="no", compile=None)
