@@ -944,6 +944,10 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
 #            grad_z L_dec is the decoder's pressure on the latent; lambda in [0, 1) keeps the chain
 #            near the encoder (it sharpens the target to pi_beta^(1 / (1 - lambda)) at the fixed
 #            point, test_the_alignment_term_tempers_the_e_step_by_one_minus_lambda).
+#            --langevin-precond divides eta per dimension by the batch's RMS of grad U at the
+#            chain's start: a stable eta is set by the stiffest direction (on a trained MNIST
+#            decoder at beta 0.1, eta = 1e-2 diverged and 1e-3 was the best), and that eta hardly
+#            moves z early in training, while the decoder barely reads the latent.
 #   M-steps  the decoder on L_dec(x, z_K), and the encoder on the latent denoising loss of z_K: a
 #            maximum-likelihood fit of q_phi to the chain's samples. They touch disjoint weights.
 # The bound: D + R >= -log p(x), D = E_q[L_dec], R = E_q[log q(z | x) - log p(z)], with log q exact
@@ -989,8 +993,11 @@ def log_standard_normal(z):
 def langevin_step(z, grad_U, eta, xi):
     """One step of the unadjusted Langevin algorithm: z - eta grad U(z) + sqrt(2 eta) xi. It has
     no accept/reject test, so its stationary law is exp(-U) only as eta -> 0: for U(z) =
-    (z - m)^T P (z - m) / 2 it is N(m, (P - eta P^2 / 2)^-1) [Roberts & Tweedie 1996]."""
-    return z - eta * grad_U + math.sqrt(2 * eta) * xi
+    (z - m)^T P (z - m) / 2 it is N(m, (P - eta P^2 / 2)^-1) [Roberts & Tweedie 1996]. eta may be
+    a float or a per-dimension step (d,), a constant diagonal preconditioner M times the step
+    size: z - eta M grad U + sqrt(2 eta M) xi leaves exp(-U) invariant as eta -> 0 for any such M
+    (for diagonal P, dimension j is N(m_j, 1 / (P_j - eta_j P_j^2 / 2)))."""
+    return z - eta * grad_U + (2 * eta) ** 0.5 * xi
 
 
 def posterior_energy(nll, beta=1.0, lam=0.0, log_q=None):
@@ -1002,20 +1009,28 @@ def posterior_energy(nll, beta=1.0, lam=0.0, log_q=None):
     return U
 
 
-def e_step(z, energy, eta, K, noise):
+def e_step(z, energy, eta, K, noise, precond=False):
     """K Langevin steps on energy (z (B, d) -> U (B,)) from z; noise() draws xi (B, d). Returns
     z_K (no graph) and U(z_K) - U(z_0) per row: negative where the chain moved downhill, which it
     must on average when it starts from a proposal worse than the target. K + 1 evaluations of U
-    (each a decoder pass in training): U(z_0) is the first step's. K = 0: no step, no evaluation."""
-    z, u_0 = z.detach(), None
+    (each a decoder pass in training): U(z_0) is the first step's. K = 0: no step, no evaluation.
+    precond: the step in dimension j is eta / r_j, r_j the root mean square over the batch of the
+    first step's dU/dz_j, then held for the K steps (a constant diagonal preconditioner, so the
+    chain still targets exp(-U); the RMS scaling of preconditioned SGLD [Li et al. 2016]): each
+    dimension moves about eta per step whatever the scale of the decoder's pressure, which is
+    small while the decoder barely reads z and large once it does."""
+    z, u_0, step = z.detach(), None, eta
     if K == 0:
         return z, z.new_zeros(len(z))
     for _ in range(K):
         z.requires_grad_(True)
         u = energy(z)                                                            # (B,)
-        u_0 = u.detach() if u_0 is None else u_0
-        grad_U, = torch.autograd.grad(u.sum(), z)
-        z = langevin_step(z.detach(), grad_U, eta, noise())
+        grad_U, = torch.autograd.grad(u.sum(), z)                                # (B, d)
+        if u_0 is None:
+            u_0 = u.detach()
+            if precond:  # r (d,); floored at the dtype's tiniest number: never a division by 0
+                step = eta / grad_U.square().mean(0).sqrt().clamp_min(torch.finfo(z.dtype).tiny)
+        z = langevin_step(z.detach(), grad_U, step, noise())
     return z, energy(z).detach() - u_0
 
 
@@ -1152,7 +1167,8 @@ def em_e_step(model, x, z_0, denoise, times, normal):
         t_k, eps_k, t_q, eps_q = next(calls)
         log_q = lambda z: -latent_denoising_loss(denoise, z, t_q, eps_q)  # up to its constant
         return posterior_energy(decoder_nll(model, x, t_k, eps_k), cfg.beta, cfg.lam, log_q)(z)
-    return e_step(z_0, energy, cfg.langevin_eta, cfg.langevin_steps, lambda: normal(*z_0.shape))
+    return e_step(z_0, energy, cfg.langevin_eta, cfg.langevin_steps, lambda: normal(*z_0.shape),
+                  cfg.langevin_precond)
 
 
 def em_losses(model, x_int, t, eps, eps_0, g):
@@ -1328,6 +1344,8 @@ class Config:
     latent_steps: int = setting(20, "the latent encoder's sampling steps S")
     langevin_steps: int = setting(10, "E-step: Langevin steps K (0: no E-step, an ablation)")
     langevin_eta: float = setting(1e-3, "E-step: Langevin step size eta")
+    langevin_precond: bool = setting(False, "E-step: step eta / r_j in latent dimension j, r_j "
+                                     "the batch's RMS of dU/dz_j at the chain's start")
     beta: float = setting(1.0, "E-step: beta, the information bottleneck (1: the ELBO)")
     lam: float = setting(0.0, "E-step: lambda, the pull toward the encoder, in [0, 1)")
     # optimisation
@@ -1373,8 +1391,10 @@ PRESETS = {
 # Fields that only --model em reads: given to another model they would do nothing, so they are
 # refused (main) rather than ignored.
 EM_FIELDS = ("latent_encoder", "latent_cond", "latent_gate", "latent_dim", "latent_width",
-             "latent_steps", "langevin_steps", "langevin_eta", "beta", "lam")
-E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "lam")  # diffusion encoder only
+             "latent_steps", "langevin_steps", "langevin_eta", "langevin_precond", "beta",
+             "lam")
+# diffusion encoder only:
+E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "langevin_precond", "lam")
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
                 "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups",
                 "model", "latent_encoder", "latent_cond", "latent_gate", "latent_dim",
