@@ -2313,7 +2313,7 @@ def run_eval(ckpt_paths, args):
     images, t and eps (eval_noise is a function of the seed and the image index), so differences
     between two checkpoints are paired and their standard error is that of the per-image
     differences."""
-    se, curves, totals = std_err, [], []
+    se, curves, totals, em_rows = std_err, [], [], []
     if args.sample_steps and all(load_checkpoint(p)["config"]["model"] != "em"
                                  for p in ckpt_paths):
         raise DiffEncError("--sample-steps sets the decoder's steps for the reconstructions of "
@@ -2341,9 +2341,10 @@ def run_eval(ckpt_paths, args):
             T_dec = args.sample_steps or cfg.sample_steps
             idx = torch.arange(len(bpd))                    # the images the bound was taken on
             recon = reconstruct(model, data[idx], idx, S, T_dec, seed, batch_size)
-            report_coherence(data[idx], recon, idx, args.data_dir or cfg.data_dir, seed, S,
-                             T_dec, cfg.dataset == "mnist")
+            ratio, agree = report_coherence(data[idx], recon, idx, args.data_dir or cfg.data_dir,
+                                            seed, S, T_dec, cfg.dataset == "mnist")
             plot_em_log(path, log_kind(cfg))
+            em_rows.append((path, cfg, ckpt["step"], bpd, ratio, agree))
         else:
             bpd = run()                                                          # (N, 3)
             total = bpd.sum(1)                                                   # (N,)
@@ -2363,6 +2364,8 @@ def run_eval(ckpt_paths, args):
             report_optimal_variances(model, bpd, run, path, args, ckpt)
         if args.per_t:  # the integrand at fixed t; the diffusion term is its integral over t
             curves.append(torch.stack([run(float(t))[:, 0] for t in PER_T], 1))   # (N, 11) bpd
+    if len(em_rows) > 1:
+        report_rate_distortion(em_rows)
     if not curves:
         return bpd
     if len({c.shape[0] for c in curves}) > 1:
@@ -2506,6 +2509,35 @@ def report_em_bound(path, ckpt, bpd, args):
           f"is what it tells the decoder about this image, near 0 if z is the same for all)")
     return total
 
+
+
+RD_COLORS = dict(diffusion="#d62728", gaussian="#1f77b4")  # the two encoders in the R-D plot
+
+
+def report_rate_distortion(rows):
+    """The rate-distortion picture of several em checkpoints evaluated on the same test images
+    [the seed's comparison: the diffusion encoder against the Gaussian one, across beta]: a table
+    (encoder, beta, step, D + R, R, D, class agreement, distance ratio, each mean ± standard
+    error over images) and rd.svg beside the first checkpoint, D against R in bpd, one dot per
+    checkpoint labelled by encoder and beta. rows: [(path, cfg, step, bpd (N, 6), ratio (N,),
+    agree (N,) or None)]."""
+    se, points = std_err, []
+    print("rate-distortion (bpd; the same test images for every checkpoint; mean ± standard "
+          "error over images)")
+    print("| encoder | beta | step | D + R | R | D | class agreement (%) | distance ratio | "
+          "checkpoint |\n|---|---|---|---|---|---|---|---|---|")
+    for path, cfg, step, bpd, ratio, agree in rows:
+        D, R = bpd[:, :3].sum(1), bpd[:, 3]
+        f = lambda v, k=4: f"{v.mean():.{k}f} ± {se(v):.{k}f}"
+        agreement = "" if agree is None else f(100 * agree, 1)
+        print(f"| {cfg.latent_encoder} | {cfg.beta:g} | {step} | {f(D + R)} | {f(R, 5)} | "
+              f"{f(D)} | {agreement} | {f(ratio, 3)} | {path} |")
+        points.append((R.mean().item(), D.mean().item(), f"{cfg.latent_encoder[0]} {cfg.beta:g}",
+                       RD_COLORS[cfg.latent_encoder]))
+    out = os.path.join(os.path.dirname(rows[0][0]) or ".", "rd.svg")
+    svg_scatter(out, points, [(c, f"{e} encoder ({e[0]}), labelled by beta")
+                              for e, c in RD_COLORS.items()], "R (bpd)", "D (bpd)")
+    print(f"wrote {out}: D against R, one dot per checkpoint")
 
 def plot_em_log(ckpt_path, kind):
     """The training curves of a --model em run (LOG_COLUMNS key kind: em or gaussian), from the
@@ -2971,21 +3003,18 @@ def log_ticks(lo, hi):
     return ticks, max([0] + [-math.floor(math.log10(v)) for v in ticks])
 
 
-def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300), log_x=False, log_y=False):
-    """Write a line plot as SVG: real text, any scale, shown by GitHub and every browser.
-    x: (n,); curves: [(y (n,), CSS colour, legend label or None, dashed)]. The legend goes under
-    the plot, one row per label, so it never hides a curve. log_x, log_y: logarithmic axes (the
-    values must be positive)."""
+def svg_frame(size, x_range, y_range, xlabel, ylabel, n_labels, log_x=False, log_y=False):
+    """The axes of an SVG plot: white page, grid, ticks, box and axis labels, with n_labels legend
+    rows of 16 px under it. Returns (the SVG elements so far, px, py: data -> pixel maps, the
+    box's left edge and the first legend row's y, px). A padding of 5 % keeps the extreme values
+    off the box."""
     W, H = size
     left, right, top, bottom = 64, W - 12, 12, H - 40                       # the plot box, px
-    n_labels = sum(1 for _, _, label, _ in curves if label)
     H_total = H + 16 * n_labels                                             # + legend rows
     fx, fy = (math.log10 if log_x else float), (math.log10 if log_y else float)
-    ys = np.concatenate([np.asarray(y, float) for y, *_ in curves])
-    lo, hi = fy(ys.min()), fy(ys.max())
+    (x0, x1), (lo, hi) = [(f(a), f(b)) for f, (a, b) in ((fx, x_range), (fy, y_range))]
     pad = 0.05 * (hi - lo) if hi - lo > 1e-9 else 1.0
     lo, hi = lo - pad, hi + pad
-    x0, x1 = fx(x[0]), fx(x[-1])
     px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (right - left)
     py = lambda v: bottom - (fy(v) - lo) / (hi - lo) * (bottom - top)
     el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H_total}" '
@@ -2995,7 +3024,7 @@ def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300), log_x=False, log_
     for v in ticks:
         el += [f'<line x1="{left}" x2="{right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#ddd"/>',
                f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{dec}f}</text>']
-    ticks, dec = (log_ticks if log_x else nice_ticks)(float(x[0]), float(x[-1]))
+    ticks, dec = (log_ticks if log_x else nice_ticks)(*map(float, x_range))
     for v in ticks:
         el += [f'<line x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{top}" y2="{bottom}" stroke="#ddd"/>',
                f'<text x="{px(v):.1f}" y="{bottom + 14}" text-anchor="middle">{v:.{dec}f}</text>']
@@ -3005,7 +3034,18 @@ def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300), log_x=False, log_
            f'{escape(xlabel)}</text>',
            f'<text transform="translate(14 {(top + bottom) / 2}) rotate(-90)" '
            f'text-anchor="middle">{escape(ylabel)}</text>']
-    ly = H + 8                                                   # the first legend row
+    return el, px, py, left, H + 8
+
+
+def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300), log_x=False, log_y=False):
+    """Write a line plot as SVG: real text, any scale, shown by GitHub and every browser.
+    x: (n,); curves: [(y (n,), CSS colour, legend label or None, dashed)]. The legend goes under
+    the plot, one row per label, so it never hides a curve. log_x, log_y: logarithmic axes (the
+    values must be positive)."""
+    ys = np.concatenate([np.asarray(y, float) for y, *_ in curves])
+    n_labels = sum(1 for _, _, label, _ in curves if label)
+    el, px, py, left, ly = svg_frame(size, (x[0], x[-1]), (ys.min(), ys.max()), xlabel, ylabel,
+                                     n_labels, log_x, log_y)
     for y, color, label, dashed in curves:
         dash = ' stroke-dasharray="5 3"' if dashed else ""
         points = " ".join(f"{px(a):.2f},{py(b):.2f}" for a, b in zip(x, y))
@@ -3019,6 +3059,25 @@ def svg_plot(path, x, curves, xlabel, ylabel, size=(480, 300), log_x=False, log_
     svg = "\n".join(el + ["</svg>\n"])
     atomic_write(path, lambda f: f.write(svg.encode()))
 
+
+
+def svg_scatter(path, points, legend, xlabel, ylabel, size=(480, 300)):
+    """Write a scatter plot as SVG: points [(x, y, label, CSS colour)], each a dot with its label
+    beside it; legend [(CSS colour, text)] in rows under the plot."""
+    xs, ys = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
+    span = (xs.max() - xs.min()) or abs(xs.max()) or 1.0
+    x_range = (xs.min() - 0.1 * span, xs.max() + 0.3 * span)  # room for the labels on the right
+    el, px, py, left, ly = svg_frame(size, x_range, (ys.min(), ys.max()), xlabel, ylabel,
+                                     len(legend))
+    for x, y, label, color in points:
+        el += [f'<circle cx="{px(x):.2f}" cy="{py(y):.2f}" r="4" fill="{color}"/>',
+               f'<text x="{px(x) + 7:.2f}" y="{py(y) + 4:.2f}">{escape(label)}</text>']
+    for color, text in legend:
+        el += [f'<circle cx="{left + 12}" cy="{ly - 4}" r="4" fill="{color}"/>',
+               f'<text x="{left + 30}" y="{ly}">{escape(text)}</text>']
+        ly += 16
+    svg = "\n".join(el + ["</svg>\n"])
+    atomic_write(path, lambda f: f.write(svg.encode()))
 
 # Seeing what the encoder learned [DiffEnc: experiments, Fig. 2; code: encoder_inspector.py].
 # x_phi(lambda_t) = alpha_t^2 x + sigma_t^2 y(x, lambda_t): the first part is the fixed encoder,

@@ -30,6 +30,7 @@ import io
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -3447,7 +3448,8 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
     """[Gaussian encoder: the mode] --model em --latent-encoder gaussian end to end on the synthetic
     set: 6 steps straight, and 3 then --resume to 6, give the same log.csv (with the rate column,
     which is positive: the encoder left the prior) and the same weights bit for bit; --eval prints
-    D + R with R from the exact Gaussian log q, D_prior - D and the distance ratio; --sample
+    D + R with R from the exact Gaussian log q, D_prior - D and the distance ratio, and with two
+    checkpoints their rate-distortion table and rd.svg; --sample
     writes both grids; with --latent-cond film (and the em test's spatial with --latent-gate),
     resume stays bit-exact.
     --latent-encoder or --latent-cond outside its choices, or without --model em, or given to
@@ -3472,11 +3474,12 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
                       de.GaussianEncoder)
     capsys.readouterr()
     ckpt = straight / "latest.pt"
-    de.main(["--eval", str(ckpt), "--batch-size", "8", "--sample-steps", "3"])
+    de.main(["--eval", str(ckpt), str(ckpt), "--batch-size", "8", "--sample-steps", "3"])
     out = capsys.readouterr().out
     for words in ("= D + R, an upper bound", "the Gaussian encoder, mu + sigma xi,", "D_prior - D",
-                  "distance ratio", "em_log_rate.svg"):
+                  "distance ratio", "em_log_rate.svg", "| gaussian | 1 | 6 |", "rd.svg"):
         assert words in out, out
+    assert (straight / "rd.svg").read_text().count("<circle") == 2 + 2  # two dots, two legend
     de.main(["--sample", str(ckpt), "--n-samples", "4", "--sample-steps", "3"])
     for grid in ("samples", "recon"):
         assert (straight / f"em_step6_T3_{grid}.png").read_bytes()[:4] == b"\x89PNG"
@@ -3496,6 +3499,34 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
         code, err = main_error(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
 
+
+def test_the_rate_distortion_report_tables_each_checkpoint_and_plots_d_against_r(tmp_path,
+                                                                              capsys):
+    """[rate-distortion picture] report_rate_distortion prints one table row per checkpoint
+    (encoder, beta, step, D + R, R, D, agreement in %, distance ratio, each mean ± standard error
+    over images) and draws rd.svg with R across and D up: the checkpoint with the larger rate is
+    the dot further right, the one with the larger distortion the dot higher up (smaller SVG y),
+    each labelled by its encoder's initial and beta."""
+    cfg = lambda enc, beta: de.Config(model="em", latent_encoder=enc, beta=beta)
+    one = torch.ones(4)
+    bpd_a = torch.stack([1.0 * one, 0.1 * one, 0.1 * one, 0.02 * one, one, one], 1)  # D 1.2
+    bpd_b = torch.stack([0.5 * one, 0.1 * one, 0.1 * one, 0.30 * one, one, one], 1)  # D 0.7
+    rows = [(str(tmp_path / "a" / "latest.pt"), cfg("diffusion", 1.0), 7, bpd_a, 0.9 * one,
+             0.5 * one), (str(tmp_path / "b.pt"), cfg("gaussian", 0.1), 9, bpd_b, 0.5 * one, None)]
+    (tmp_path / "a").mkdir()
+    de.report_rate_distortion(rows)
+    out = capsys.readouterr().out
+    assert "| diffusion | 1 | 7 | 1.2200 ± 0.0000 | 0.02000 ± 0.00000 | 1.2000 ± 0.0000 | " \
+           "50.0 ± 0.0 | 0.900 ± 0.000 |" in out, out
+    assert "| gaussian | 0.1 | 9 | 1.0000 ± 0.0000 | 0.30000 ± 0.00000 | 0.7000 ± 0.0000 |  | " \
+           "0.500 ± 0.000 |" in out, out
+    svg = (tmp_path / "a" / "rd.svg").read_text()
+    dots = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="4" fill="[^"]+"/>\n<text[^>]*>'
+                      r'([^<]+)</text>', svg)
+    (xa, ya, la), (xb, yb, lb) = [(float(x), float(y), label) for x, y, label in dots[:2]]
+    assert (la, lb) == ("d 1", "g 0.1")
+    assert xb > xa and ya < yb                     # b: more rate (right), a: more distortion (up)
+    assert "R (bpd)" in svg and "D (bpd)" in svg
 
 def test_an_unstable_e_step_stops_before_touching_the_weights_and_names_the_step_size(tmp_path,
                                                                                      float32):
