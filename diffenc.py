@@ -2254,7 +2254,7 @@ def evaluate(model, data, batch_size, seed, n_images=0, samples=1, t_fixed=None,
 
 
 @torch.no_grad()
-def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
+def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None, probe=False):
     """--model em's bound per image, averaged over `samples` draws, (N, 6) float64 bpd: D in its
     three terms (diffusion, latent, recon), R, D_prior and D_other. D + R is the bound of section
     8 with z from the encoder's deterministic S-step sampler (its exact log q: latent_log_q);
@@ -2264,7 +2264,10 @@ def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
     batch of 2 or more), so D_other - D is what it is worth because it is *this* image's. A
     latent that is the same for every image (q narrow around one point) has D_other = D, however
     large D_prior - D and R are. All use evaluate's (t, eps, eps_0) per image, so they pair with
-    each other and with any other checkpoint's test bpd."""
+    each other and with any other checkpoint's test bpd.
+    probe (the diffusion encoder): two more columns, D and D_other of z_K, the training E-step's
+    refinement of z (its K, eta, beta, lambda; seeded by the batch's first index): is the image
+    in the chain's latents, and lost by the encoder that fits them, or not in them at all?"""
     p, S, d = next(model.parameters()), S or model.cfg.latent_steps, model.cfg.latent_dim
 
     def columns(idx, x_int, k):
@@ -2280,9 +2283,16 @@ def evaluate_em(model, data, batch_size, seed, n_images=0, samples=1, S=None):
         if len(z) < 2:
             raise DiffEncError("D_other pairs each image with another of its batch, and a batch "
                                "holds one image; change --eval-images or --batch-size")
-        d_prior, d_other = (sum((decoder_nll(model, x, t, eps)(c), *terms[1:]))
-                            for c in (z_prior, z.roll(1, 0)))
-        return torch.stack([*terms, rate, d_prior, d_other], 1)
+        dec = lambda c: sum((decoder_nll(model, x, t, eps)(c), *terms[1:]))  # (b,) nats
+        cols = [*terms, rate, dec(z_prior), dec(z.roll(1, 0))]
+        if probe:
+            g = rng(seed, int(idx[0]), k, RNG["e_step"])
+            normal = lambda *shape: torch.randn(shape, generator=g, dtype=p.dtype).to(p.device)
+            times = lambda: low_discrepancy_times(torch.rand(1, generator=g), len(z)).to(t)
+            with torch.enable_grad():
+                z_K, _ = em_e_step(model, x, z, model.latent_enc.denoiser(x), times, normal)
+            cols += [dec(z_K), dec(z_K.roll(1, 0))]
+        return torch.stack(cols, 1)
     return per_image(model, data, batch_size, n_images, samples, columns)
 
 
@@ -2335,7 +2345,8 @@ def run_eval(ckpt_paths, args):
                                                   ratio)
         if cfg.model == "em":
             bpd = evaluate_em(model, data, batch_size, seed, args.eval_images or 0,
-                              args.eval_samples, args.latent_steps)              # (N, 6)
+                              args.eval_samples, args.latent_steps,
+                              probe=log_kind(cfg) == "em")                       # (N, 6 or 8)
             total = report_em_bound(path, ckpt, bpd, args)
             S = (args.latent_steps or cfg.latent_steps) if log_kind(cfg) == "em" else None
             T_dec = args.sample_steps or cfg.sample_steps
@@ -2507,6 +2518,13 @@ def report_em_bound(path, ckpt, bpd, args):
           f"is what the latent is worth against the prior, near 0 if the posterior collapsed; "
           f"D_other: with another test image's latent from q, {d_other.mean():.4f}; D_other - D "
           f"is what it tells the decoder about this image, near 0 if z is the same for all)")
+    if bpd.shape[1] == 8:  # the E-step probe (evaluate_em)
+        refined = bpd[:, 7] - bpd[:, 6]
+        pre = " preconditioned" if cfg.langevin_precond else ""
+        print(f"  E-step: D_other - D of its z_K {refined.mean():.5f} ± {se(refined):.5f} against "
+              f"{specific.mean():.5f} of the encoder's z (D of z_K {bpd[:, 6].mean():.4f}; "
+              f"{cfg.langevin_steps}{pre} Langevin steps of eta {cfg.langevin_eta:g} from z, "
+              f"beta {cfg.beta:g}: what the chain finds about the image, for the encoder to learn)")
     return total
 
 

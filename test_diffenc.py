@@ -2181,6 +2181,36 @@ def test_d_other_tells_a_latent_that_is_the_same_for_every_image_from_one_that_c
                                                    abs=1e-5)
 
 
+def test_the_e_step_probe_scores_the_chains_latents_as_d_and_d_other(monkeypatch, capsys):
+    """[coherence: the E-step probe] evaluate_em(probe=True) keeps the six columns of the bound
+    exactly and adds the decoder's loss at the E-step's z_K and at z_K of the batch's previous
+    image, on the same (t, eps) as D: checked against the model's own forward at a z_K that a
+    stand-in E-step returns (the encoder's z + 0.5), and the E-step starts from the encoder's z.
+    The real E-step moves z (its column differs from D) and --eval prints D_other - D of z_K."""
+    model = randomize(em_model(langevin_steps=2, langevin_eta=0.01)).eval().requires_grad_(False)
+    data = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(1), dtype=torch.uint8)
+    plain = de.evaluate_em(model, data, 4, seed=3)                                 # (4, 6)
+    probed = de.evaluate_em(model, data, 4, seed=3, probe=True)                    # (4, 8)
+    assert torch.equal(probed[:, :6], plain) and (probed[:, 6] != plain[:, :3].sum(1)).all()
+    seen, e_step = {}, de.em_e_step
+    monkeypatch.setattr(de, "em_e_step", lambda m, x, z, *a: (seen.update(z=z) or z + 0.5, None))
+    shifted = de.evaluate_em(model, data, 4, seed=3, probe=True)
+    monkeypatch.setattr(de, "em_e_step", e_step)
+    t, eps, eps_0 = de.eval_draw(model, torch.arange(4), 3, 0)
+    z_1 = de.indexed_normal(torch.arange(4), (3,), 2, 3, 0, de.RNG["latent_eval"])[0].double()
+    z, _ = de.encode_log_q(model, de.scale_pixels(data, torch.float64), z_1, 3)
+    assert torch.equal(seen["z"], z)
+    for col, c in ((6, z + 0.5), (7, (z + 0.5).roll(1, 0))):
+        with torch.no_grad():
+            want = sum(model(data, t, eps, eps_0, cond=c))                         # (4,) nats
+        got = de.bits_per_dim([want], model.image_shape)
+        assert close_to_scale(shifted[:, col], got, 1e-12)
+    ckpt = dict(config=dataclasses.asdict(model.cfg), step=0)
+    de.report_em_bound("em.pt", ckpt, probed, argparse.Namespace(latent_steps=None))
+    line = next(l for l in capsys.readouterr().out.splitlines() if "E-step: D_other - D" in l)
+    assert float(line.split()[7]) == pytest.approx((probed[:, 7] - probed[:, 6]).mean().item(),
+                                                   abs=1e-5)
+
 def test_the_gaussian_rate_is_the_kl_of_its_reparameterised_draws():
     """[Gaussian encoder: rate] gaussian_rate, the closed-form KL(N(mu, diag sigma^2) || N(0, I)),
     is the mean of log q(z) - log p(z) over z = reparameterise(mu, log_var, xi): within 4
@@ -3411,7 +3441,8 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
              "--sample-steps", "3"])
     out = capsys.readouterr().out
     for words in ("= D + R, an upper bound", "D_prior - D", "D_other - D", "minus", "recon",
-                  "em_log_dU.svg", "distance ratio", "3 decoder steps"):
+                  "em_log_dU.svg", "distance ratio", "3 decoder steps",
+                  "E-step: D_other - D of its z_K"):
         assert words in out, out
     assert (straight / "em_log_dU.svg").read_text().startswith("<svg")
     assert all(" ± " in line for line in out.splitlines() if line.strip()[:1] in ("D", "R"))
