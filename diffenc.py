@@ -2520,10 +2520,10 @@ def report_em_bound(path, ckpt, bpd, args):
           f"is what it tells the decoder about this image, near 0 if z is the same for all)")
     if bpd.shape[1] == 8:  # the E-step probe (evaluate_em)
         refined = bpd[:, 7] - bpd[:, 6]
-        pre = " preconditioned" if cfg.langevin_precond else ""
+        K, pre = cfg.langevin_steps, " (preconditioned)" if cfg.langevin_precond else ""
         print(f"  E-step: D_other - D of its z_K {refined.mean():.5f} ± {se(refined):.5f} against "
               f"{specific.mean():.5f} of the encoder's z (D of z_K {bpd[:, 6].mean():.4f}; "
-              f"{cfg.langevin_steps}{pre} Langevin steps of eta {cfg.langevin_eta:g} from z, "
+              f"K = {K} Langevin step{'s' * (K != 1)}{pre} of eta {cfg.langevin_eta:g} from z, "
               f"beta {cfg.beta:g}: what the chain finds about the image, for the encoder to learn)")
     return total
 
