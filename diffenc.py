@@ -1822,6 +1822,20 @@ def make_optimizer(model, cfg, device):
                              fused=device.type == "cuda")
 
 
+
+def check_optimizer_state(saved, opt, path):
+    """The optimiser's state is saved by parameter position, not name (torch's format): a
+    checkpoint whose moments do not fit this model's parameters, position by position, came from
+    a diffenc.py that built its layers in another order, and loading it would fail deep inside
+    the first step (or, between equal shapes, mix up the moments). Refuse it in one line."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, state in saved["state"].items():
+        if i >= len(params) or state["exp_avg"].shape != params[i].shape:
+            raise DiffEncError(f"{path} holds optimiser moments that do not fit this model's "
+                               f"parameters (written by a diffenc.py that built its layers in "
+                               f"another order); continue it with the diffenc.py that wrote "
+                               f"it, or start a new --out")
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
@@ -2055,6 +2069,7 @@ def train(cfg):
                 report_changed_settings(ckpt["config"], cfg)
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
+            check_optimizer_state(ckpt["opt"], opt, latest)
             opt.load_state_dict(ckpt["opt"])
             for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
                 group["weight_decay"] = decay  # this run's value, not the one the state restored

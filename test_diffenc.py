@@ -3083,6 +3083,28 @@ def test_a_resume_that_changes_a_setting_says_so_and_uses_the_new_value(tmp_path
     assert groups[0]["lr"] == pytest.approx(2e-4 * 3 / 100)                  # warm-up, new lr
 
 
+
+def test_a_checkpoint_whose_optimiser_moments_do_not_fit_is_refused_in_one_line(tmp_path, capsys,
+                                                                                 float32):
+    """[robustness] The optimiser's state is saved by parameter position: a checkpoint written by
+    a diffenc.py that built its layers in another order (simulated: two moments' positions
+    swapped, digest recomputed) is refused on --resume with one line naming the fix, exit code 2,
+    and the checkpoint is left as it was (a traceback from inside AdamW's first step before)."""
+    out = tmp_path / "run"
+    argv = ["--train", "synthetic", *TINY, "--steps", 2, "--out", out]
+    de.main([str(a) for a in argv])
+    ckpt = de.load_checkpoint(str(out / "latest.pt"))
+    ckpt.pop("sha256")
+    state = ckpt["opt"]["state"]
+    i, j = next((i, j) for i in state for j in state
+                if state[i]["exp_avg"].shape != state[j]["exp_avg"].shape)
+    state[i], state[j] = state[j], state[i]
+    de.save_checkpoint(ckpt, str(out / "latest.pt"))
+    before = (out / "latest.pt").read_bytes()
+    code, err = main_error(capsys, *argv[:-4], "--steps", 3, "--out", out, "--resume")
+    assert code == 2 and err.count("\n") == 1 and "in another order" in err, err
+    assert (out / "latest.pt").read_bytes() == before
+
 # --------------------------------------------------------------------- 12. evaluation and figures
 
 
