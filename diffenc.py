@@ -2552,7 +2552,7 @@ def report_rate_distortion(rows):
     [the seed's comparison: the diffusion encoder against the Gaussian one, across beta]: a table
     (encoder, beta, step, D + R, R, D, class agreement, distance ratio, each mean ± standard
     error over images) and rd.svg beside the first checkpoint, D against R in bpd, one dot per
-    checkpoint labelled by encoder and beta. rows: [(path, cfg, step, bpd (N, 6), ratio (N,),
+    checkpoint labelled by encoder and beta. rows: [(path, cfg, step, bpd (N, 6 or 8), ratio (N,),
     agree (N,) or None)]."""
     se, points = std_err, []
     print("rate-distortion (bpd; the same test images for every checkpoint; mean ± standard "
