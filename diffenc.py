@@ -1822,7 +1822,6 @@ def make_optimizer(model, cfg, device):
                              fused=device.type == "cuda")
 
 
-
 def check_optimizer_state(saved, opt, path):
     """The optimiser's state is saved by parameter position, not name (torch's format): a
     checkpoint whose moments do not fit this model's parameters, position by position, came from
@@ -1835,6 +1834,7 @@ def check_optimizer_state(saved, opt, path):
                                f"parameters (written by a diffenc.py that built its layers in "
                                f"another order); continue it with the diffenc.py that wrote "
                                f"it, or start a new --out")
+
 
 @torch.no_grad()
 def update_ema(ema, model, decay):

@@ -3083,7 +3083,6 @@ def test_a_resume_that_changes_a_setting_says_so_and_uses_the_new_value(tmp_path
     assert groups[0]["lr"] == pytest.approx(2e-4 * 3 / 100)                  # warm-up, new lr
 
 
-
 def test_a_checkpoint_whose_optimiser_moments_do_not_fit_is_refused_in_one_line(tmp_path, capsys,
                                                                                  float32):
     """[robustness] The optimiser's state is saved by parameter position: a checkpoint written by
@@ -3104,6 +3103,7 @@ def test_a_checkpoint_whose_optimiser_moments_do_not_fit_is_refused_in_one_line(
     code, err = main_error(capsys, *argv[:-4], "--steps", 3, "--out", out, "--resume")
     assert code == 2 and err.count("\n") == 1 and "in another order" in err, err
     assert (out / "latest.pt").read_bytes() == before
+
 
 # --------------------------------------------------------------------- 12. evaluation and figures
 
