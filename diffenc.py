@@ -523,6 +523,22 @@ def diffusion_loss_continuous(dgamma_dt, alpha, sigma, scaled_err, dx_enc, dx_ha
     return sum_dims(0.5 * dgamma_dt * r.square())
 
 
+def loss_weight(gamma_t, b):
+    """w(lambda_t) = sigmoid(b - lambda_t), lambda = -gamma = log SNR: a training-only weight on
+    the diffusion integrand at t, not the paper's. b = inf gives w = 1, the ELBO (the paper's).
+
+    Kingma & Gao (2023, "Understanding diffusion objectives as the ELBO with simple data
+    augmentation", sec. 4-5): a weighted diffusion loss int w(lambda) (-dL/dlambda) dlambda with w
+    non-increasing in lambda is a positive mixture of ELBOs of the data under added Gaussian noise
+    (one per noise level), so it stays a likelihood objective; the sigmoid is their weighting. It
+    moves the loss's weight from low noise, where the bound's bits are (pixel detail), to high
+    noise, where an image's shape is decided (README, "Digits on a CPU"). DiffEnc's integrand is
+    its ELBO's derivative in t as VDM's is, so the same weight applies to it unchanged.
+    gamma_t (B,) must carry no gradient: the schedule is not to learn where the weight is small.
+    """
+    return torch.sigmoid(b + gamma_t)
+
+
 def increment_hat(x_hat, gamma_s, gamma_t, increment):
     """The generative model's x_phi(lambda_s) - x_phi(lambda_t), from x_hat at t (see the head):
     "euler" (the paper's) (lambda_s - lambda_t) sigma_t^2 x_hat, "exp" sigma_s^2 expm1(gamma_t -
@@ -1357,6 +1373,9 @@ class Config:
     warmup: int = setting(100, "linear learning-rate warm-up steps")
     weight_decay: float = setting(0.01, "AdamW weight decay (not on biases or the schedule)")
     clip: float = setting(0.0, "gradient-norm clipping; 0 = off (the paper)")
+    weight_bias: float = setting(math.inf, "training only: the diffusion loss at t is weighted by "
+                                 "sigmoid(b - log SNR_t), b = this (Kingma & Gao 2023; toward "
+                                 "high noise, for samples); inf: weight 1, the ELBO (the paper)")
     ema: float = setting(0.9999, "EMA decay of the weights used for eval and sampling")
     seed: int = setting(0, "seed for init, data order, t, eps and dropout")
     amp: bool = setting(False, "bf16 autocast for the score network (CUDA)")
@@ -1424,6 +1443,7 @@ RULES = dict(
     warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
     weight_decay=(lambda v: 0 <= v < math.inf, "0 or more"),
     clip=(lambda v: 0 <= v < math.inf, "0 (off) or a positive gradient norm"),
+    weight_bias=(lambda v: -math.inf < v <= math.inf, "a number, or inf (the ELBO)"),
     ema=UNIT, seed=(lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
     out=(lambda v: v != "", "a folder"),
     log_every=POSITIVE, eval_every=POSITIVE, save_every=POSITIVE, sample_steps=POSITIVE,
@@ -1462,6 +1482,9 @@ def validate(cfg):
     if cfg.model == "em" and cfg.T:
         raise DiffEncError(f"--model em trains with the continuous-time loss only; drop "
                            f"--T {cfg.T}")
+    if cfg.model == "em" and cfg.weight_bias != math.inf:
+        raise DiffEncError("--weight-bias weights the diffusion loss of --model diffenc; --model "
+                           "em trains on its ELBO (the E-step's energy); drop --weight-bias")
     if cfg.model == "em" and cfg.compile:
         raise DiffEncError("--model em runs its decoder uncompiled (the E-step differentiates it "
                            "by z); drop --compile")
@@ -2012,7 +2035,12 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
                                                     rng(cfg.seed, step, RNG["e_step"]))
         loss = decoder_loss + encoder_loss
     else:
-        terms = batch_bpd(net(*batch), model.image_shape)             # (3,): diff, latent, recon
+        diff, latent, recon = net(*batch)                            # (B,) each, nats
+        if cfg.weight_bias != math.inf:  # --weight-bias: not the ELBO (loss_weight)
+            with torch.no_grad():  # the weight carries no gradient (loss_weight)
+                w = loss_weight(model.schedule(batch[1]), cfg.weight_bias)  # (B,)
+            diff = w * diff
+        terms = batch_bpd((diff, latent, recon), model.image_shape)   # (3,): diff, latent, recon
         loss, report = terms.sum(), terms
     report = report.detach().clone()
     if world > 1:

@@ -1243,6 +1243,45 @@ def test_bits_per_dim_and_the_training_loss_are_in_bits_per_dimension():
     assert torch.allclose(report, expected, rtol=1e-12, atol=0) and report[0] > 1
 
 
+def test_loss_weight_is_the_elbo_at_inf_and_moves_weight_toward_high_noise():
+    """[loss weighting, Kingma & Gao 2023] loss_weight is w = sigmoid(b - log SNR) = 1 / (1 +
+    exp(log SNR - b)): exactly 1 for b = inf (the ELBO, the flag's default); for finite b, 1/2 at
+    log SNR = b, non-increasing in log SNR (the condition under which the weighted loss is a
+    mixture of ELBOs) and running from ~0 at the schedule's low-noise end to ~1 at its
+    high-noise end."""
+    gamma = torch.linspace(-13.3, 5.0, 50, dtype=torch.float64)          # gamma = -log SNR
+    assert torch.equal(de.loss_weight(gamma, math.inf), torch.ones_like(gamma))
+    b = 2.0
+    w = de.loss_weight(gamma, b)
+    assert torch.allclose(w, 1 / (1 + torch.exp(-gamma - b)), rtol=1e-14, atol=0)
+    assert (w.diff() > 0).all() and w[0] < 1e-4 and w[-1] > 0.99
+    assert de.loss_weight(torch.tensor([-b], dtype=torch.float64), b).item() == 0.5
+
+
+def test_weight_bias_weights_the_trained_diffusion_term_and_nothing_else():
+    """[loss weighting] With --weight-bias b, train_step's diffusion term is the batch mean of
+    w(log SNR_t) times each image's ELBO integrand, and its gradient is that of this sum with w
+    held constant: with a learned schedule (--schedule scalar) the endpoints are not pulled
+    toward where w is small. The latent and recon terms stay unweighted, and forward (--eval's
+    ELBO) is untouched. Gradients agree to 1e-10 of their largest entry (float64, the same sums)."""
+    shape = (1, 4, 4)
+    model = small_model(image=shape, schedule="scalar", weight_bias=2.0).train()
+    ref = copy.deepcopy(model)
+    x_int = torch.randint(0, 256, (4, *shape), generator=torch.Generator().manual_seed(0))
+    batch = (x_int, *(a.double() for a in de.draw_noise(0, 0, 4, shape)))
+    diff, latent, recon = ref(*batch)
+    w = de.loss_weight(ref.schedule(batch[1]).detach(), 2.0)                    # (4,)
+    assert w.max() - w.min() > 0.5, "the batch's t must span weights far apart"
+    expected = de.batch_bpd((w * diff, latent, recon), shape)                   # (3,)
+    expected.sum().backward()
+    opt = de.make_optimizer(model, model.cfg, torch.device("cpu"))
+    report = de.train_step(model, model, copy.deepcopy(model), opt, model.cfg, 0, batch, 1)
+    assert torch.allclose(report, expected.detach(), rtol=1e-12, atol=0)
+    assert ref.schedule.b.grad.abs() > 0, "the learned endpoint must get a gradient"
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert close_to_scale(p.grad, q.grad, 1e-10), name
+
+
 @given(x=PIXELS, g1=st.floats(-2.0, 8.0))
 def test_prior_loss_matches_gauss_hermite_integration(x, g1):
     """[VDM: prior loss] KL(N(alpha_1 x_phi(1), sigma_1^2) || N(0, 1)) from prior_loss equals
@@ -2345,9 +2384,9 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_cond="concat",
     latent_gate="yes", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
     langevin_eta=0.0, langevin_precond="yes", beta=0.0, lam=1.0, steps=0, minutes=-1.0,
-    batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, ema=1.0, seed=-1, out="",
-    resume="yes", log_every=0, eval_every=0, eval_images=-5, save_every=0, skip_nonfinite=1,
-    sample_steps=0, amp="no", compile=None)
+    batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
+    ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5,
+    save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
@@ -3475,6 +3514,8 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
     for argv, words in (
             (["--train", "synthetic", *TINY, "--model", "em", "--T", 5], "drop --T 5"),
             (["--train", "synthetic", *TINY, "--model", "em", "--compile"], "drop --compile"),
+            (["--train", "synthetic", *TINY, "--model", "em", "--weight-bias", 2, "--steps", 1,
+              "--out", tmp_path / "em_weighted"], "drop --weight-bias"),
             (["--bench", "synthetic", "--model", "em"], "drop --model em"),
             (["--eval", ckpt, "--per-t"], "drop --T, --per-t"),
             (["--tune-schedule", ckpt, "--T", 4], "--model em checkpoint"),
