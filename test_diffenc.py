@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 import sympy as sp
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 
 import diffenc as de
@@ -2683,11 +2683,13 @@ def test_low_discrepancy_times_split_over_ranks_equal_the_global_batch():
 
 
 @given(u=st.floats(0, 1, exclude_max=True), n=st.integers(1, 300))
+@example(u=1 - 2 ** -53, n=2)  # u + 1/2 rounds up to 3/2 exactly: t = 1/2, not just below it
 def test_low_discrepancy_times_are_in_the_unit_interval_one_per_stratum(u, n):
     """[VDM: low-discrepancy sampler] t_i = (u + i/n) mod 1 lie in [0, 1) and, sorted, are 1/n
-    apart starting below 1/n: one in each stratum of width 1/n (1e-12: rounding)."""
+    apart starting below 1/n: one in each stratum of width 1/n (1e-12: rounding, which can put a
+    t on a stratum's upper edge)."""
     t = de.low_discrepancy_times(torch.tensor([u]), n).sort().values
-    assert (t >= 0).all() and (t < 1).all() and t[0] < 1 / n
+    assert (t >= 0).all() and (t < 1).all() and t[0] < 1 / n + 1e-12
     assert torch.allclose(t.diff(), torch.full((n - 1,), 1 / n), rtol=0, atol=1e-12)
 
 
@@ -2830,22 +2832,42 @@ def test_cuda_graphs_give_the_eager_loss_and_gradients(tmp_path, monkeypatch, fl
     assert torch.allclose(ends[1], ends[0], rtol=1e-5, atol=0)
 
 
-def test_sigkill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(tmp_path):
-    """[robustness] A run killed with SIGKILL (twice, at different steps) and resumed with --resume
-    ends with the same log.csv (every row once, every digit) and the same weights, optimiser and EMA
-    (torch.equal) as an uninterrupted run with the same seed: data order, t, eps and dropout are
-    functions of (seed, step), and every checkpoint on disk was complete when it was renamed."""
+def test_sigterm_then_sigkill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(
+        tmp_path, monkeypatch, capsys, float32):
+    """[robustness] SIGTERM (as from a cluster's pre-emption; Ctrl-C is SIGINT, handled the same)
+    finishes the current step, saves latest.pt at that step, exits 128 + 15 with a message that
+    names --resume, and prints no traceback. SIGKILL, which nothing can catch, leaves the last
+    checkpoint loadable. A run stopped both ways (SIGTERM in step 3, SIGKILL after step 6 of the
+    resumed run) and resumed ends with the same log.csv (every row once, every digit) and the
+    same weights, optimiser and EMA (torch.equal) as an uninterrupted run with the same seed: data
+    order, t, eps and dropout are functions of (seed, step), and every checkpoint on disk was
+    complete when it was renamed. The SIGKILL hits a process of its own; the other runs are
+    main() in this one (float32 and the same threads as that process), which saves processes'
+    start-up; that they all match bit for bit is part of the claim."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_cli("--train", "synthetic", *TINY, "--steps", 8, "--save-every", 2, "--eval-every", 1000,
-            "--out", straight)
-    for kill_after in (3, 6):
-        proc = start_training(killed, 8, *(["--resume"] if kill_after == 6 else []))
-        wait_for_step(killed, kill_after, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        de.load_checkpoint(str(killed / "latest.pt"))  # loadable after the kill
-    run_cli("--train", "synthetic", *TINY, "--steps", 8, "--save-every", 2, "--eval-every", 1000,
-            "--out", killed, "--resume")
+    common = ["--train", "synthetic", *TINY, "--steps", 8, "--save-every", 2, "--eval-every", 1000]
+    de.main([str(a) for a in (*common, "--out", straight)])
+    forward, calls = de.DiffEnc.forward, [0]
+    def terminated_in_step_3(self, *args):  # one forward per training step (no evaluation)
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args)
+    monkeypatch.setattr(de.DiffEnc, "forward", terminated_in_step_3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        de.main([str(a) for a in (*common, "--out", killed)])
+    monkeypatch.setattr(de.DiffEnc, "forward", forward)
+    err = capsys.readouterr().err
+    assert e.value.code == 128 + signal.SIGTERM and "--resume" in err and "Traceback" not in err
+    assert de.load_checkpoint(str(killed / "latest.pt"))["step"] == 3 == max(log_rows(killed /
+                                                                                    "log.csv"))
+    proc = start_training(killed, 8, "--resume")
+    wait_for_step(killed, 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    de.load_checkpoint(str(killed / "latest.pt"))  # loadable after the kill
+    de.main([str(a) for a in (*common, "--out", killed, "--resume")])
     # row for row, every row once
     assert (straight / "log.csv").read_text() == (killed / "log.csv").read_text()
     a, b = (de.load_checkpoint(str(d / "latest.pt")) for d in (straight, killed))
@@ -2854,20 +2876,6 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_bit_for_bit(tmp_path
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     sa, sb = a["opt"]["state"], b["opt"]["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
-
-
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    """[robustness] SIGTERM (as from a cluster's pre-emption; Ctrl-C is SIGINT, handled the same)
-    finishes the current step, saves latest.pt at that step, exits 128 + 15 with a message that
-    names --resume, and prints no traceback."""
-    out = tmp_path / "run"
-    proc = start_training(out, 10_000)
-    wait_for_step(out, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert "--resume" in err and "Traceback" not in err
-    assert de.load_checkpoint(str(out / "latest.pt"))["step"] == max(log_rows(out / "log.csv"))
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, float32):
@@ -3288,16 +3296,16 @@ def test_per_t_curve_at_initialisation_matches_its_closed_form_and_pairs_checkpo
     model = small_model("none", image=(1, 16, 16), dataset="synthetic")
     ckpt = save_model(model, tmp_path / "vdm.pt")
     args = de.build_parser().parse_args(["--eval", str(ckpt), str(ckpt), "--per-t", "--eval-images",
-                                         "64", "--eval-samples", "2", "--batch-size", "64"])
+                                         "32", "--eval-samples", "2", "--batch-size", "32"])
     curves = de.run_eval(args.eval, args)
-    x = de.scale_pixels(de.synthetic("test")[:64])
+    x = de.scale_pixels(de.synthetic("test")[:32])
     gamma, dgamma = torch.func.jvp(model.schedule, (torch.tensor(de.PER_T),),
                                    (torch.ones(len(de.PER_T)),))
     alpha, sigma = de.alpha_sigma(gamma)
-    x2 = x.pow(2).flatten(1).mean(1)[:, None]                          # (64, 1): |x|^2 / d
+    x2 = x.pow(2).flatten(1).mean(1)[:, None]                          # (32, 1): |x|^2 / d
     exact = (dgamma / 2 * alpha ** 2 * ((alpha + sigma) ** 2 * x2 + (sigma - alpha) ** 2)
              / math.log(2)).mean(0)
-    se = curves[0].std(0) / math.sqrt(64)
+    se = curves[0].std(0) / math.sqrt(32)
     assert ((curves[0].mean(0) - exact).abs() <= 5 * se + 1e-9).all()
     assert torch.equal(curves[0], curves[1])
     table = (tmp_path / "per_t.csv").read_text().splitlines()
@@ -3365,20 +3373,23 @@ TINY = ["--size", "tiny", "--n-embd", "8", "--norm-groups", "4", "--enc-ch", "8"
         "--log-every", "1", "--sample-steps", "10"]
 
 
-def test_cli_trains_resumes_evaluates_and_samples(tmp_path):
-    """[CLI] The user's path end to end on the built-in synthetic set: train 4 steps (checkpoint),
-    resume to 6, evaluate (BPD with standard error and its split), sample a PNG grid."""
+def test_cli_trains_resumes_evaluates_and_samples(tmp_path, capsys, float32):
+    """[CLI] The user's path end to end on the built-in synthetic set, through main() with the
+    command line's arguments: train 4 steps (checkpoint), resume to 6, evaluate (BPD with standard
+    error and its split) and sample a PNG grid. (`python diffenc.py` as a process of its own, whose
+    start-up costs seconds, runs in the tests of torchrun, SIGKILL and bad input from a shell.)"""
     out = tmp_path / "run"
-    run_cli("--train", "synthetic", *TINY, "--steps", 4, "--save-every", 2, "--eval-every", 4,
-            "--out", out)
+    de.main([str(a) for a in ("--train", "synthetic", *TINY, "--steps", 4, "--save-every", 2,
+                              "--eval-every", 4, "--out", out)])
     assert {"latest.pt", "best.pt", "log.csv"} <= set(os.listdir(out))
-    resumed = run_cli("--train", "synthetic", *TINY, "--steps", 6, "--save-every", 2,
-                      "--eval-every", 4, "--out", out, "--resume")
-    assert "from step 4 to 6" in resumed.stdout
-    ev = run_cli("--eval", out / "latest.pt", "--batch-size", 64)
-    assert "test bpd" in ev.stdout and "±" in ev.stdout and "256 images" in ev.stdout
-    assert all(name in ev.stdout for name in ("diffusion", "latent", "recon"))
-    run_cli("--sample", out / "latest.pt", "--n-samples", 4)
+    de.main([str(a) for a in ("--train", "synthetic", *TINY, "--steps", 6, "--save-every", 2,
+                              "--eval-every", 4, "--out", out, "--resume")])
+    assert "from step 4 to 6" in capsys.readouterr().out
+    de.main(["--eval", str(out / "latest.pt"), "--batch-size", "64", "--eval-images", "64"])
+    ev = capsys.readouterr().out
+    assert "test bpd" in ev and "±" in ev and "64 images" in ev
+    assert all(name in ev for name in ("diffusion", "latent", "recon"))
+    de.main(["--sample", str(out / "latest.pt"), "--n-samples", "4"])
     png = (out / "samples_step6_T10.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -3499,7 +3510,7 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
     de.train(tiny_config(vdm, steps=1, encoder="none"))
     capsys.readouterr()
     de.main(["--eval", str(straight / "latest.pt"), str(vdm / "latest.pt"), "--batch-size", "8",
-             "--sample-steps", "3"])
+             "--sample-steps", "3", "--eval-images", "32"])
     out = capsys.readouterr().out
     for words in ("= D + R, an upper bound", "D_prior - D", "D_other - D", "minus", "recon",
                   "em_log_dU.svg", "distance ratio", "3 decoder steps",
@@ -3568,7 +3579,8 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
                       de.GaussianEncoder)
     capsys.readouterr()
     ckpt = straight / "latest.pt"
-    de.main(["--eval", str(ckpt), str(ckpt), "--batch-size", "8", "--sample-steps", "3"])
+    de.main(["--eval", str(ckpt), str(ckpt), "--batch-size", "8", "--sample-steps", "3",
+             "--eval-images", "32"])
     out = capsys.readouterr().out
     for words in ("= D + R, an upper bound", "the Gaussian encoder, mu + sigma xi,", "D_prior - D",
                   "distance ratio", "em_log_rate.svg", "| gaussian | 1 | 6 |", "rd.svg"):
@@ -3820,7 +3832,7 @@ def test_bad_input_prints_no_traceback_from_the_command_line(tmp_path):
 # ---------------------------------------------------------------------------- data parallel (DDP)
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, float32):
     """[scale] torchrun with 2 CPU processes (gloo) trains like 1 process on the same global batch:
     each rank takes its half of the batch and of the global noise, DDP averages the gradients, so
     the global losses logged at steps 1-3 (bpd and its three terms) agree to 1e-5 bpd absolute
@@ -3829,19 +3841,27 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     Adam step ~1e-2, so ranks that stepped on their own half-batch gradients would change the losses
     of steps 2 and 3 by orders of magnitude more. (Weights are not compared entrywise: Adam's first
     steps are ~lr * sign(g), which turns float noise in near-zero gradients into lr-sized
-    differences.) Dropout is 0 because masks are drawn per rank."""
+    differences.) Dropout is 0 because masks are drawn per rank. The one process is this one
+    (main(), at one thread as each rank), run while torchrun starts: a third process would add
+    seconds of start-up."""
     common = ["--train", "synthetic", *TINY, "--steps", 3, "--dropout", 0, "--enc-dropout", 0,
               "--eval-every", 1000, "--lr", 1e-2, "--warmup", 1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threading on both sides
-    run_cli(*common, "--out", tmp_path / "one", env=env)
     with socket.socket() as s:  # a free port for the rendezvous, not a fixed one that may be taken
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", os.path.join(HERE, "diffenc.py"),
-                           *map(str, common), "--out", str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}", os.path.join(HERE, "diffenc.py"),
+                             *map(str, common), "--out", str(tmp_path / "two")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        de.main([str(a) for a in (*common, "--out", tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
     one, two = (torch.load(tmp_path / d / "latest.pt", weights_only=True) for d in ("one", "two"))
     assert one["step"] == two["step"] == 3
     rows_one = log_rows(tmp_path / "one" / "log.csv")
