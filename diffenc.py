@@ -531,12 +531,13 @@ def loss_weight(gamma_t, b):
     augmentation"): a weighted diffusion loss int w(lambda) (-dL/dlambda) dlambda with w
     non-increasing in lambda is a positive mixture of the partial bounds L(lambda) from noise level
     lambda to t = 1 (each, up to a constant, the -ELBO of the data with Gaussian noise added to that
-    level), so it stays a likelihood objective; the sigmoid is one of their weightings. It moves the loss's weight from
-    low noise, where most of the bound's bits are (pixel detail), to high noise, where an image's
-    shape is decided (README, "Training weighted toward high noise"). DiffEnc's integrand is the
-    derivative of its own partial bounds (each a KL from t to 1) as VDM's is, so the weight applies
-    to it the same way. gamma_t (B,) must carry no gradient: the schedule is not to learn where the
-    weight is small. The training log's diffusion column shows the weighted term.
+    level), so it stays a likelihood objective; the sigmoid is one of their weightings. It moves
+    the loss's weight from low noise, where most of the bound's bits are (pixel detail), to high
+    noise, where an image's shape is decided (README, "Training weighted toward high noise").
+    DiffEnc's integrand is the derivative of its own partial bounds (each a KL from t to 1) as
+    VDM's is, so the weight applies to it the same way. gamma_t (B,) must carry no gradient: the
+    schedule is not to learn where the weight is small. The training log's diffusion column shows
+    the weighted term.
     """
     return torch.sigmoid(b + gamma_t)
 
