@@ -345,14 +345,24 @@ class ScoreUNet(nn.Module):
     Its output is added to z_t, VDM's "base measure" [official code], except for --param
     v-nobase: the same function class and loss at equal outputs, but at initialisation (the last
     conv is zero) v_hat = 0, the target's mean, instead of z_t, which at low noise is about x and
-    far from v = alpha eps - sigma x; it starts closer and learns faster early (README)."""
+    far from v = alpha eps - sigma x; it starts closer and learns faster early (README).
+
+    VDM's network never changes resolution: n_layer ResBlocks down, middle ResBlock + attention +
+    ResBlock, n_layer + 1 ResBlocks up, each up block reading one skip. With --downsample L
+    (default 0, the paper's) it becomes a U-Net in the style of DDPM's [Ho et al. 2020, appendix
+    B]: after the blocks of resolution k < L a stride-2 conv halves H and W (its output a skip
+    too), the blocks of resolution k have n 2^k channels (DDPM's CIFAR-10 net: n (1, 2, 2, 2)),
+    the middle runs at H / 2^L, and the up path mirrors it with nearest-neighbour upsampling +
+    conv. At L = 0 the modules, their order and the forward are VDM's exactly. Why offer it: on a
+    CPU budget (README, digits on a CPU) the global shape of a digit is far cheaper to model at
+    7 x 7 than at 28 x 28."""
 
     def __init__(self, cfg, image_shape):
         super().__init__()
         C, H, W = image_shape
         n, groups = cfg.n_embd, cfg.norm_groups  # GroupNorm(32) [VDM]
         self.gamma_min, self.gamma_max, self.n = cfg.gamma_min, cfg.gamma_max, n
-        self.param = cfg.param
+        self.param, self.n_layer = cfg.param, cfg.n_layer
         # --model em's reading of z (section 8), decided first: conv_in's width depends on it.
         em, route = cfg.model == "em", cfg.latent_cond
         self.gate = em and cfg.latent_gate
@@ -360,10 +370,26 @@ class ScoreUNet(nn.Module):
         film = 4 * n if em and route == "film" else 0
         self.temb = time_mlp(n)
         self.conv_in = nn.Conv2d(5 * C + c_map, n, 3, padding=1)  # z + 4 Fourier channels each
-        block = lambda c_in: ResBlock(c_in, n, 4 * n, groups, cfg.dropout, film)
-        self.down = nn.ModuleList([block(n) for _ in range(cfg.n_layer)])
-        self.mid1, self.attn, self.mid2 = block(n), AttnBlock(n, groups, fused=True), block(n)
-        self.up = nn.ModuleList([block(2 * n) for _ in range(cfg.n_layer + 1)])
+        block = lambda c_in, c_out: ResBlock(c_in, c_out, 4 * n, groups, cfg.dropout, film)
+        L, widths = cfg.downsample, [n * 2 ** k for k in range(cfg.downsample + 1)]
+        self.down, self.halve = nn.ModuleList(), nn.ModuleList()
+        c, skips = n, [n]                                 # channels of h, and of each skip
+        for k, c_k in enumerate(widths):                  # resolution k: H / 2^k, n 2^k channels
+            for _ in range(cfg.n_layer):
+                self.down.append(block(c, c_k))
+                c = c_k
+                skips.append(c)
+            if k < L:
+                self.halve.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        self.mid1, self.attn, self.mid2 = block(c, c), AttnBlock(c, groups, fused=True), block(c, c)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for k in reversed(range(L + 1)):
+            for _ in range(cfg.n_layer + 1):
+                self.up.append(block(c + skips.pop(), widths[k]))
+                c = widths[k]
+            if k > 0:
+                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))  # after 2x nearest upsampling
         self.norm_out, self.conv_out = group_norm(n, groups), nn.Conv2d(n, C, 3, padding=1)
         zero_init(self.conv_out)
         # --model em (section 8): the latent z (B, d) enters as t does, added to the time
@@ -390,11 +416,18 @@ class ScoreUNet(nn.Module):
         if self.zmap is not None:
             h.append(self.zmap(cond).view(len(z), LATENT_MAP, *z.shape[2:]))  # (B, 4, H, W)
         hs = [self.conv_in(torch.cat(h, dim=1))]                             # (B, n, H, W)
-        for blk in self.down:
-            hs.append(blk(hs[-1], temb, zemb))
+        down, halve, up, upsample = map(iter, (self.down, self.halve, self.up, self.upsample))
+        for k in range(len(self.halve) + 1):                   # at H / 2^k: (B, n 2^k, ...)
+            for _ in range(self.n_layer):
+                hs.append(next(down)(hs[-1], temb, zemb))
+            if k < len(self.halve):
+                hs.append(next(halve)(hs[-1]))                 # (B, n 2^k, H / 2^(k+1), ...)
         h = self.mid2(self.attn(self.mid1(hs[-1], temb, zemb)), temb, zemb)
-        for blk in self.up:
-            h = blk(torch.cat([h, hs.pop()], dim=1), temb, zemb)             # (B, n, H, W)
+        for k in reversed(range(len(self.halve) + 1)):
+            for _ in range(self.n_layer + 1):
+                h = next(up)(torch.cat([h, hs.pop()], dim=1), temb, zemb)   # (B, n 2^k, ...)
+            if k > 0:
+                h = next(upsample)(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         out = self.conv_out(F.silu(self.norm_out(h)))                        # (B, C, H, W)
         return out if self.param == "v-nobase" else out + z              # base measure: + z
 
@@ -684,6 +717,10 @@ class DiffEnc(nn.Module):
             raise DiffEncError(f"images of {H}x{W} do not fit an encoder U-Net with "
                                f"{cfg.enc_levels} levels (H, W must be divisible by "
                                f"{2 ** cfg.enc_levels}); lower --enc-levels")
+        if H % 2 ** cfg.downsample or W % 2 ** cfg.downsample:
+            raise DiffEncError(f"images of {H}x{W} cannot be halved {cfg.downsample} times by the "
+                               f"score U-Net (H, W must be divisible by {2 ** cfg.downsample}); "
+                               f"lower --downsample")
         self.cfg, self.image_shape = cfg, tuple(image_shape)
         self.schedule = NoiseSchedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max)
         self.score = ScoreUNet(cfg, image_shape)
@@ -1339,6 +1376,8 @@ class Config:
                         ("tiny", "small", "large"))
     n_embd: int = setting(128, "score U-Net channels")
     n_layer: int = setting(8, "score U-Net ResNet blocks per half (8 or 32 in the paper)")
+    downsample: int = setting(0, "score U-Net halvings of H, W, each doubling the channels (DDPM's "
+                              "U-Net); 0: none, VDM's (the paper)")
     dropout: float = setting(0.1, "dropout in the score U-Net")
     norm_groups: int = setting(32, "GroupNorm groups: score U-Net, encoder levels and attention")
     enc_norm_groups: int = setting(16, "GroupNorm groups of the encoder's middle and output")
@@ -1418,9 +1457,9 @@ EM_FIELDS = ("latent_encoder", "latent_cond", "latent_gate", "latent_dim", "late
 # diffusion encoder only:
 E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "langevin_precond", "lam")
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
-                "n_layer", "norm_groups", "enc_ch", "enc_levels", "enc_blocks", "enc_norm_groups",
-                "model", "latent_encoder", "latent_cond", "latent_gate", "latent_dim",
-                "latent_width")
+                "n_layer", "downsample", "norm_groups", "enc_ch", "enc_levels", "enc_blocks",
+                "enc_norm_groups", "model", "latent_encoder", "latent_cond", "latent_gate",
+                "latent_dim", "latent_width")
 
 
 # What each field's value must be: every Config field has a rule here, a list of choices, or is a
@@ -1435,7 +1474,8 @@ RULES = dict(
     data_dir=(lambda v: v != "" and not os.path.isfile(v), "a folder, not a file"),
     gamma_min=GAMMA, gamma_max=GAMMA,
     T=(lambda v: v >= 0, "0 (continuous time) or a positive number of steps"),
-    n_embd=POSITIVE, n_layer=POSITIVE, norm_groups=POSITIVE, enc_ch=POSITIVE, enc_levels=POSITIVE,
+    n_embd=POSITIVE, n_layer=POSITIVE, downsample=(lambda v: v >= 0, "0 (VDM's) or more"),
+    norm_groups=POSITIVE, enc_ch=POSITIVE, enc_levels=POSITIVE,
     enc_blocks=POSITIVE, enc_norm_groups=POSITIVE, dropout=UNIT, enc_dropout=UNIT,
     latent_dim=(lambda v: 1 <= v <= 64, "in 1..64"),
     latent_width=(lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),

@@ -551,6 +551,29 @@ def test_a_group_norm_with_one_channel_per_group_is_refused():
             de.DiffEnc(cfg, (1, 8, 8))
 
 
+@pytest.mark.parametrize("L", [0, 1, 2])
+def test_the_score_unet_halves_l_times_to_its_middle_and_every_layer_reaches_the_output(L):
+    """[architecture] --downsample L: the score network's middle (its attention) runs on
+    (B, n 2^L, H / 2^L, W / 2^L), L = 0 being VDM's single resolution with no resampling layer;
+    the output has the input's shape and dtype (float64); with every zero-initialised layer given
+    random weights, every parameter gets a non-zero gradient (no layer is built and left out of
+    the forward, no skip is dropped) and the output moves with gamma by > 5 % of its size."""
+    shape = (1, 8, 8)
+    torch.manual_seed(0)
+    net = randomize(de.ScoreUNet(de.Config(**{**NET, "dropout": 0.0, "downsample": L}), shape))
+    assert len(net.halve) == len(net.upsample) == L
+    seen = []
+    net.attn.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape))
+    z = torch.randn(2, *shape, generator=seeded(1))
+    out = net(z, torch.tensor([-10.0, 3.0])) - z
+    assert seen == [(2, NET["n_embd"] * 2 ** L, 8 // 2 ** L, 8 // 2 ** L)]
+    assert out.shape == z.shape and out.dtype == torch.float64
+    assert (out[0] - out[1]).abs().mean() > 0.05 * out.abs().mean()
+    out.square().sum().backward()
+    dead = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead, dead
+
+
 def graph_nodes(y):
     """The names of every node of the autograd graph that produced y."""
     seen, todo = set(), [y.grad_fn]
@@ -2380,8 +2403,8 @@ def test_the_distance_ratio_compares_each_reconstruction_with_another_image_neve
 BAD_VALUES = dict(  # one value out of range for every Config field
     dataset="imagenet", data_dir=__file__, encoder="learnt", param="x", schedule="cosine",
     gamma_min=-1e6, gamma_max=31.0, T=-1, increment="rk4", size="huge", n_embd=0, n_layer=0,
-    norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0, dropout=1.5,
-    enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_cond="concat",
+    downsample=-1, norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0,
+    dropout=1.5, enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_cond="concat",
     latent_gate="yes", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
     langevin_eta=0.0, langevin_precond="yes", beta=0.0, lam=1.0, steps=0, minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
@@ -3398,8 +3421,9 @@ def test_minutes_ends_training_as_a_last_step_and_resume_continues_bit_exactly(t
                                                                                capsys):
     """[training] --minutes M stops training once M minutes have passed, at a step boundary, and
     treats that step as the last: a checkpoint and a test evaluation there. The checkpoint is the
-    one a run of exactly that many steps writes, so --resume (no limit) continues bit for bit."""
-    common = ["--train", "synthetic", *TINY, "--steps", "3"]
+    one a run of exactly that many steps writes, so --resume (no limit) continues bit for bit
+    (with --downsample 1: the score U-Net's resampling layers resume too)."""
+    common = ["--train", "synthetic", *TINY, "--downsample", "1", "--steps", "3"]
     de.main(common + ["--minutes", "1e-9", "--out", str(tmp_path / "cut")])   # stops at step 1
     out = capsys.readouterr().out
     assert "--minutes 1e-09 reached after step 1" in out and "step 1 | test bpd" in out, out
@@ -3676,6 +3700,8 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
         (["--train", "synthetic", *base, "--out", run], "--resume"),
         (["--train", "synthetic", *base, "--enc-levels", 5, "--out", tmp_path / "o2"],
          "--enc-levels"),
+        (["--train", "synthetic", *base, "--downsample", 5, "--out", tmp_path / "o6"],
+         "lower --downsample"),
         (["--train", "synthetic", "--size", "tiny", "--norm-groups", 32, "--out", tmp_path / "o3"],
          "--norm-groups"),
         (["--train", "synthetic", *base, "--steps", 0], "--steps must be positive"),
