@@ -1376,8 +1376,8 @@ class Config:
                         ("tiny", "small", "large"))
     n_embd: int = setting(128, "score U-Net channels")
     n_layer: int = setting(8, "score U-Net ResNet blocks per half (8 or 32 in the paper)")
-    downsample: int = setting(0, "score U-Net halvings of H, W, each doubling the channels (DDPM's "
-                              "U-Net); 0: none, VDM's (the paper)")
+    downsample: int = setting(0, "score U-Net halvings of H, W, each doubling the channels (a "
+                              "DDPM-style U-Net); 0: none, VDM's (the paper)")
     dropout: float = setting(0.1, "dropout in the score U-Net")
     norm_groups: int = setting(32, "GroupNorm groups: score U-Net, encoder levels and attention")
     enc_norm_groups: int = setting(16, "GroupNorm groups of the encoder's middle and output")
