@@ -2444,8 +2444,8 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     latent_gate="yes", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
     langevin_eta=0.0, langevin_precond="yes", beta=0.0, lam=1.0, steps=0, minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
-    t_density="w", ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5,
-    save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
+    t_density="w", ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0,
+    eval_images=-5, save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
