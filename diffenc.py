@@ -773,18 +773,21 @@ class DiffEnc(nn.Module):
         with torch.autocast(z.device.type, torch.bfloat16, enabled=self.cfg.amp):
             return self.score(z, gamma, cond).to(z.dtype)
 
-    def forward(self, x_int, t, eps, eps_0, cond=None):
+    def forward(self, x_int, t, eps, eps_0, cond=None, u_ends=None):
         """-ELBO terms per image (nats): (diffusion, latent, recon), each (B,).
 
         x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1]; eps, eps_0: (B, C, H, W),
-        N(0, I); cond: (B, d), --model em's latent z (only the diffusion term depends on it).
+        N(0, I); cond: (B, d), --model em's latent z (only the diffusion term depends on it);
+        u_ends: (B,) uniform on [0, 1), which picks the boundary term each image pays in training
+        (_boundary_terms_estimate); default t, uniform unless --t-density weight moved it.
         The model computes in eps's dtype (float32 in training, float64 in the theory tests).
         """
         B = x_int.shape[0]
         x = scale_pixels(x_int, eps.dtype)                                        # (B, C, H, W)
         gamma_0, gamma_1 = self.schedule(torch.tensor([0.0, 1.0], device=t.device, dtype=t.dtype))
         if self.training:  # 1. and 2., estimated from the end nearer each image's t
-            recon, latent = self._boundary_terms_estimate(x_int, x, t, eps_0, gamma_0, gamma_1)
+            u = t if u_ends is None else u_ends
+            recon, latent = self._boundary_terms_estimate(x_int, x, u, eps_0, gamma_0, gamma_1)
         else:              # 1. and 2., exactly: x_phi at both ends for every image
             gammas = torch.cat([gamma_0.expand(B), gamma_1.expand(B)])            # (2B,)
             x_enc_0, x_enc_1 = self.encode(torch.cat([x, x]), gammas, False)[0].chunk(2)
@@ -800,6 +803,7 @@ class DiffEnc(nn.Module):
 
         Why unbiased: t ~ U[0, 1) is independent of x and eps_0, and E_t[2 * 1{t >= 1/2}] =
         E_t[2 * 1{t < 1/2}] = 1, so E_t[2 * 1{t >= 1/2} * prior] = prior (the same for recon).
+        This needs t uniform: with --t-density weight, forward passes the uniform draws instead.
         Evaluation computes both terms exactly. The terms are O(1e-3) bpd, so the added variance
         is negligible next to the diffusion term's; the saving is a second encoder call on B
         images and half the 256-way decoder's work. Returns (recon, latent), each (B,).
@@ -2122,10 +2126,10 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
                                                     rng(cfg.seed, step, RNG["e_step"]))
         loss = decoder_loss + encoder_loss
     else:
-        weight = 1.0
+        weight, u = 1.0, batch[1]          # u: uniform, picks the boundary terms (forward)
         if cfg.weight_bias != math.inf:  # --weight-bias: not the ELBO (loss_weight)
             batch, weight = weigh_batch(model, batch, cfg)
-        diff, latent, recon = net(*batch)                            # (B,) each, nats
+        diff, latent, recon = net(*batch, u_ends=u)                  # (B,) each, nats
         terms = batch_bpd((weight * diff, latent, recon), model.image_shape)  # (3,)
         loss, report = terms.sum(), terms
     report = report.detach().clone()

@@ -1312,8 +1312,9 @@ def test_weight_bias_weights_the_trained_diffusion_term_and_nothing_else(density
     w(log SNR_t) times each image's ELBO integrand, and its gradient is that of this sum with w
     held constant: with a learned schedule (--schedule scalar) the endpoints are not pulled
     toward where w is small. With --t-density weight the drawn t are moved by weight_times and
-    the weight is its constant Z instead (the same loss in expectation). The latent and recon
-    terms stay unweighted, and forward (--eval's ELBO) is untouched. Gradients agree to 1e-10 of
+    the weight is its constant Z instead (the same loss in expectation), while the latent and
+    recon terms keep the uniform t, which picks the end each image pays (the estimate is unbiased
+    only for uniform t). Those terms stay unweighted, and forward (--eval's ELBO) is untouched. Gradients agree to 1e-10 of
     their largest entry (float64, the same sums)."""
     shape = (1, 4, 4)
     model = small_model(image=shape, schedule="scalar", weight_bias=2.0, t_density=density)
@@ -1330,7 +1331,9 @@ def test_weight_bias_weights_the_trained_diffusion_term_and_nothing_else(density
         t, z = de.weight_times(t, *ends, 2.0)                                   # (4,), ()
         w = z.expand(4)
         assert (t - batch[1]).abs().max() > 0.1, "the t must move"
-    diff, latent, recon = ref(batch[0], t, *batch[2:])
+    diff = ref(batch[0], t, *batch[2:])[0]                                      # (4,)
+    _, latent, recon = ref(*batch)                                             # uniform t
+    assert (latent > 0).any() and (recon > 0).any(), "the batch must pay both boundary terms"
     expected = de.batch_bpd((w * diff, latent, recon), shape)                   # (3,)
     expected.sum().backward()
     opt = de.make_optimizer(model, model.cfg, torch.device("cpu"))
