@@ -575,27 +575,6 @@ def loss_weight(gamma_t, b):
     return torch.sigmoid(b + gamma_t)
 
 
-def weight_times(u, gamma_0, gamma_1, b):
-    """Importance sampling of t for the weighted loss (--t-density weight): t (B,) with density
-    p(t) = w(t) / Z on [0, 1] from u (B,) uniform on [0, 1), and Z = int_0^1 w(t) dt, so that
-
-        E_{t ~ U(0, 1)}[w(t) L(t)] = Z E_{t ~ p}[L(t)]:
-
-    the same loss and gradient in expectation, with the batch spent where w is large instead of
-    at low noise, where w mutes what was computed. Kingma & Gao (2023, section 3) show that
-    the distribution of log SNR at which a weighted loss is evaluated acts only as an importance
-    sampler: it changes the estimator's variance, not the objective. For a schedule linear in t
-    (gamma = gamma_0 + (gamma_1 - gamma_0) t: --schedule fixed or scalar) w = sigmoid(b + gamma)
-    integrates in closed form, int w dt = softplus(b + gamma) / (gamma_1 - gamma_0), so with
-    S(t) = softplus(b + gamma(t)) the CDF is F(t) = (S(t) - S(0)) / (S(1) - S(0)), its inverse is
-    gamma = log(expm1(S(0) + u (S(1) - S(0)))) - b, and Z = (S(1) - S(0)) / (gamma_1 - gamma_0).
-    u from low_discrepancy_times stays evenly spread: F^-1 is monotone. The clamp only catches
-    rounding at the ends (F^-1(0) = 0 and F^-1(1) = 1 exactly)."""
-    s_0, s_1 = F.softplus(b + gamma_0), F.softplus(b + gamma_1)
-    gamma = torch.log(torch.expm1(s_0 + u * (s_1 - s_0))) - b                 # (B,)
-    return ((gamma - gamma_0) / (gamma_1 - gamma_0)).clamp(0, 1), (s_1 - s_0) / (gamma_1 - gamma_0)
-
-
 def increment_hat(x_hat, gamma_s, gamma_t, increment):
     """The generative model's x_phi(lambda_s) - x_phi(lambda_t), from x_hat at t (see the head):
     "euler" (the paper's) (lambda_s - lambda_t) sigma_t^2 x_hat, "exp" sigma_s^2 expm1(gamma_t -
@@ -773,21 +752,18 @@ class DiffEnc(nn.Module):
         with torch.autocast(z.device.type, torch.bfloat16, enabled=self.cfg.amp):
             return self.score(z, gamma, cond).to(z.dtype)
 
-    def forward(self, x_int, t, eps, eps_0, cond=None, u_ends=None):
+    def forward(self, x_int, t, eps, eps_0, cond=None):
         """-ELBO terms per image (nats): (diffusion, latent, recon), each (B,).
 
         x_int: (B, C, H, W) integers in 0..255; t: (B,) in [0, 1]; eps, eps_0: (B, C, H, W),
-        N(0, I); cond: (B, d), --model em's latent z (only the diffusion term depends on it);
-        u_ends: (B,) uniform on [0, 1), which picks the boundary term each image pays in training
-        (_boundary_terms_estimate); default t, uniform unless --t-density weight moved it.
+        N(0, I); cond: (B, d), --model em's latent z (only the diffusion term depends on it).
         The model computes in eps's dtype (float32 in training, float64 in the theory tests).
         """
         B = x_int.shape[0]
         x = scale_pixels(x_int, eps.dtype)                                        # (B, C, H, W)
         gamma_0, gamma_1 = self.schedule(torch.tensor([0.0, 1.0], device=t.device, dtype=t.dtype))
         if self.training:  # 1. and 2., estimated from the end nearer each image's t
-            u = t if u_ends is None else u_ends
-            recon, latent = self._boundary_terms_estimate(x_int, x, u, eps_0, gamma_0, gamma_1)
+            recon, latent = self._boundary_terms_estimate(x_int, x, t, eps_0, gamma_0, gamma_1)
         else:              # 1. and 2., exactly: x_phi at both ends for every image
             gammas = torch.cat([gamma_0.expand(B), gamma_1.expand(B)])            # (2B,)
             x_enc_0, x_enc_1 = self.encode(torch.cat([x, x]), gammas, False)[0].chunk(2)
@@ -803,7 +779,6 @@ class DiffEnc(nn.Module):
 
         Why unbiased: t ~ U[0, 1) is independent of x and eps_0, and E_t[2 * 1{t >= 1/2}] =
         E_t[2 * 1{t < 1/2}] = 1, so E_t[2 * 1{t >= 1/2} * prior] = prior (the same for recon).
-        This needs t uniform: with --t-density weight, forward passes the uniform draws instead.
         Evaluation computes both terms exactly. The terms are O(1e-3) bpd, so the added variance
         is negligible next to the diffusion term's; the saving is a second encoder call on B
         images and half the 256-way decoder's work. Returns (recon, latent), each (B,).
@@ -1443,9 +1418,6 @@ class Config:
     weight_bias: float = setting(math.inf, "training only: the diffusion loss at t is weighted by "
                                  "sigmoid(b - log SNR_t), b = this (Kingma & Gao 2023; toward "
                                  "high noise, for samples); inf: weight 1, the ELBO (the paper)")
-    t_density: str = setting("uniform", "training only, with --weight-bias: t drawn uniformly (the "
-                             "paper), or weight: with density proportional to the weight, the "
-                             "loss rescaled to the same expectation", ("uniform", "weight"))
     ema: float = setting(0.9999, "EMA decay of the weights used for eval and sampling")
     seed: int = setting(0, "seed for init, data order, t, eps and dropout")
     amp: bool = setting(False, "bf16 autocast for the score network (CUDA)")
@@ -1556,12 +1528,6 @@ def validate(cfg):
     if cfg.model == "em" and cfg.weight_bias != math.inf:
         raise DiffEncError("--weight-bias weights the diffusion loss of --model diffenc; --model "
                            "em trains on its ELBO (the E-step's energy); drop --weight-bias")
-    if cfg.t_density == "weight" and cfg.weight_bias == math.inf:
-        raise DiffEncError("--t-density weight draws t by --weight-bias's weight, and the ELBO has "
-                           "none; add --weight-bias (e.g. 2) or drop --t-density")
-    if cfg.t_density == "weight" and cfg.schedule == "net":
-        raise DiffEncError("--t-density weight needs a schedule linear in t (--schedule fixed or "
-                           "scalar); choose one of them or drop --t-density")
     if cfg.model == "em" and cfg.compile:
         raise DiffEncError("--model em runs its decoder uncompiled (the E-step differentiates it "
                            "by z); drop --compile")
@@ -2098,20 +2064,6 @@ def open_log(path, step, header):
     return open(path, "a")
 
 
-def weigh_batch(model, batch, cfg):
-    """--weight-bias: the batch (x, t, eps, eps_0) to train on and the weight (B,) of its
-    diffusion terms: the t drawn and w(t) (--t-density uniform), or those t moved to density
-    w / Z and the constant Z (--t-density weight, weight_times): the same loss in expectation.
-    Neither carries a gradient: the schedule is not to learn where the weight is small."""
-    x, t, eps, eps_0 = batch
-    with torch.no_grad():
-        if cfg.t_density == "uniform":
-            return batch, loss_weight(model.schedule(t), cfg.weight_bias)
-        gamma_0, gamma_1 = model.schedule(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
-        t, z = weight_times(t, gamma_0, gamma_1, cfg.weight_bias)              # (B,), ()
-    return (x, t, eps, eps_0), z.expand_as(t)
-
-
 def train_step(net, model, ema, opt, cfg, step, batch, world):
     """One step of AdamW on the bpd of batch = (x (B, C, H, W) uint8, t (B,), eps, eps_0 (B, C,
     H, W)); for --model em, one EM iteration (em_losses) with the E-step's noise drawn from
@@ -2126,11 +2078,12 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
                                                     rng(cfg.seed, step, RNG["e_step"]))
         loss = decoder_loss + encoder_loss
     else:
-        weight, u = 1.0, batch[1]          # u: uniform, picks the boundary terms (forward)
+        diff, latent, recon = net(*batch)                            # (B,) each, nats
         if cfg.weight_bias != math.inf:  # --weight-bias: not the ELBO (loss_weight)
-            batch, weight = weigh_batch(model, batch, cfg)
-        diff, latent, recon = net(*batch, u_ends=u)                  # (B,) each, nats
-        terms = batch_bpd((weight * diff, latent, recon), model.image_shape)  # (3,)
+            with torch.no_grad():  # the weight carries no gradient (loss_weight)
+                w = loss_weight(model.schedule(batch[1]), cfg.weight_bias)  # (B,)
+            diff = w * diff
+        terms = batch_bpd((diff, latent, recon), model.image_shape)   # (3,): diff, latent, recon
         loss, report = terms.sum(), terms
     report = report.detach().clone()
     if world > 1:

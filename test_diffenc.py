@@ -1281,59 +1281,20 @@ def test_loss_weight_is_the_elbo_at_inf_and_moves_weight_toward_high_noise():
     assert de.loss_weight(torch.tensor([-b], dtype=torch.float64), b).item() == 0.5
 
 
-@settings(max_examples=25, deadline=None)
-@given(b=st.floats(-4.0, 6.0), c=st.floats(-12.0, -1.0), width=st.floats(4.0, 20.0))
-def test_t_drawn_by_the_weight_has_density_w_over_its_integral(b, c, width):
-    """[importance sampling of t, Kingma & Gao 2023] weight_times maps u in [0, 1] to t with
-    density w(t) / Z, Z = int_0^1 w dt, for the linear schedule gamma_0 + width t: t(0) = 0,
-    t(1) = 1, t increases with u, and dt/du = Z / w(t(u)) (autograd, float64). Together these
-    fix the distribution and Z (integrating dt/du = Z / w gives int_0^1 w dt = Z), hence
-    E_U[w L] = Z E_p[L]. Every operation is a smooth function evaluated to float64 rounding
-    (relative ~1e-15 per operation; log(expm1(.)) amplifies it at most ~1 / s_0 near u = 0, where
-    s_0 = softplus(b + gamma_0) >= 6e-6 here), so 1e-6 relative is a loose bound. The check is
-    not vacuous: with b + gamma_0 = c <= -1 and width >= 4, w, and so dt/du, varies by more than
-    a factor 2 over [0, 1]."""
-    f64 = dict(dtype=torch.float64)
-    gamma_0 = c - b
-    gamma_0, gamma_1 = torch.tensor(gamma_0, **f64), torch.tensor(gamma_0 + width, **f64)
-    ends, _ = de.weight_times(torch.tensor([0.0, 1.0], **f64), gamma_0, gamma_1, b)
-    assert ends.tolist() == pytest.approx([0.0, 1.0], abs=1e-9)
-    u = torch.linspace(0.01, 0.99, 99, **f64).requires_grad_()
-    t, z = de.weight_times(u, gamma_0, gamma_1, b)
-    (dt_du,) = torch.autograd.grad(t.sum(), u)                                  # (99,)
-    w = de.loss_weight(gamma_0 + (gamma_1 - gamma_0) * t.detach(), b)            # (99,)
-    assert (t.diff() > 0).all() and w.max() > 2 * w.min()
-    assert torch.allclose(dt_du, z / w, rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("density", ["uniform", "weight"])
-def test_weight_bias_weights_the_trained_diffusion_term_and_nothing_else(density):
+def test_weight_bias_weights_the_trained_diffusion_term_and_nothing_else():
     """[loss weighting] With --weight-bias b, train_step's diffusion term is the batch mean of
     w(log SNR_t) times each image's ELBO integrand, and its gradient is that of this sum with w
     held constant: with a learned schedule (--schedule scalar) the endpoints are not pulled
-    toward where w is small. With --t-density weight the drawn t are moved by weight_times and
-    the weight is its constant Z instead (the same loss in expectation), while the latent and
-    recon terms keep the uniform t, which picks the end each image pays (the estimate is unbiased
-    only for uniform t). Those terms stay unweighted, and forward (--eval's ELBO) is untouched. Gradients agree to 1e-10 of
-    their largest entry (float64, the same sums)."""
+    toward where w is small. The latent and recon terms stay unweighted, and forward (--eval's
+    ELBO) is untouched. Gradients agree to 1e-10 of their largest entry (float64, the same sums)."""
     shape = (1, 4, 4)
-    model = small_model(image=shape, schedule="scalar", weight_bias=2.0, t_density=density)
-    model.train()
+    model = small_model(image=shape, schedule="scalar", weight_bias=2.0).train()
     ref = copy.deepcopy(model)
     x_int = torch.randint(0, 256, (4, *shape), generator=torch.Generator().manual_seed(0))
     batch = (x_int, *(a.double() for a in de.draw_noise(0, 0, 4, shape)))
-    t = batch[1]
-    if density == "uniform":
-        w = de.loss_weight(ref.schedule(t).detach(), 2.0)                       # (4,)
-        assert w.max() - w.min() > 0.5, "the batch's t must span weights far apart"
-    else:
-        ends = ref.schedule(torch.tensor([0.0, 1.0], dtype=torch.float64)).detach()   # (2,)
-        t, z = de.weight_times(t, *ends, 2.0)                                   # (4,), ()
-        w = z.expand(4)
-        assert (t - batch[1]).abs().max() > 0.1, "the t must move"
-    diff = ref(batch[0], t, *batch[2:])[0]                                      # (4,)
-    _, latent, recon = ref(*batch)                                             # uniform t
-    assert (latent > 0).any() and (recon > 0).any(), "the batch must pay both boundary terms"
+    diff, latent, recon = ref(*batch)
+    w = de.loss_weight(ref.schedule(batch[1]).detach(), 2.0)                    # (4,)
+    assert w.max() - w.min() > 0.5, "the batch's t must span weights far apart"
     expected = de.batch_bpd((w * diff, latent, recon), shape)                   # (3,)
     expected.sum().backward()
     opt = de.make_optimizer(model, model.cfg, torch.device("cpu"))
@@ -2447,8 +2408,8 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     latent_gate="yes", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
     langevin_eta=0.0, langevin_precond="yes", beta=0.0, lam=1.0, steps=0, minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
-    t_density="w", ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0,
-    eval_images=-5, save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
+    ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5,
+    save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
@@ -3741,11 +3702,6 @@ def test_bad_input_gets_one_line_naming_the_fix_with_exit_code_2(tmp_path, monke
          "--enc-levels"),
         (["--train", "synthetic", *base, "--downsample", 5, "--out", tmp_path / "o6"],
          "lower --downsample"),
-        (["--train", "synthetic", *base, "--t-density", "weight", "--steps", 1, "--out",
-          tmp_path / "o7"], "add --weight-bias"),
-        (["--train", "synthetic", *base, "--t-density", "weight", "--weight-bias", 2,
-          "--schedule", "net", "--steps", 1, "--out", tmp_path / "o8"],
-         "--schedule fixed or scalar"),
         (["--train", "synthetic", "--size", "tiny", "--norm-groups", 32, "--out", tmp_path / "o3"],
          "--norm-groups"),
         (["--train", "synthetic", *base, "--steps", 0], "--steps must be positive"),
