@@ -1208,9 +1208,9 @@ def decoder_nll(model, x, t, eps):
     return lambda z: model._continuous(x, t, eps, z)
 
 
-def em_e_step(model, x, z_0, denoise, times, normal):
+def em_e_step(model, x, z_0, denoise, times, normal, beta=None):
     """The E-step on a batch: K ULA steps from z_0 (B, d) on U = |z|^2 / 2 + L_diff(x, z) / beta
-    - lam log q_phi(z | x). Each step draws its own (t, eps) for the decoder's term (times() (B,),
+    - lam log q_phi(z | x), beta the run's (or, during --beta-warmup, the step's: beta_step). Each step draws its own (t, eps) for the decoder's term (times() (B,),
     normal(*shape)); U(z_K) reuses U(z_0)'s draw, so Delta U compares the two latents on the same
     noise (common random numbers: its sign is not drowned by the draws' variance). Returns z_K and
     Delta U (B,)."""
@@ -1222,14 +1222,16 @@ def em_e_step(model, x, z_0, denoise, times, normal):
     def energy(z):
         t_k, eps_k, t_q, eps_q = next(calls)
         log_q = lambda z: -latent_denoising_loss(denoise, z, t_q, eps_q)  # up to its constant
-        return posterior_energy(decoder_nll(model, x, t_k, eps_k), cfg.beta, cfg.lam, log_q)(z)
+        return posterior_energy(decoder_nll(model, x, t_k, eps_k), beta or cfg.beta, cfg.lam,
+                                log_q)(z)
     return e_step(z_0, energy, cfg.langevin_eta, cfg.langevin_steps, lambda: normal(*z_0.shape),
                   cfg.langevin_precond)
 
 
-def em_losses(model, x_int, t, eps, eps_0, g):
+def em_losses(model, x_int, t, eps, eps_0, g, beta):
     """One EM iteration on a batch. x_int (B, C, H, W) uint8; t (B,), eps, eps_0 (B, C, H, W): the
-    decoder's noise for its M-step; g: a CPU generator for the encoder's sampler and the E-step.
+    decoder's noise for its M-step; g: a CPU generator for the encoder's sampler and the E-step;
+    beta: the E-step's temperature at this step (beta_step).
     Returns the M-steps' two losses, scalars: the decoder's bpd on (x, z_K), and the encoder's
     latent loss on z_K in bits per latent dimension (disjoint weights: one optimiser step on their
     sum does both), and the report (5,): the decoder's (diffusion, latent, recon) bpd, the
@@ -1246,7 +1248,7 @@ def em_losses(model, x_int, t, eps, eps_0, g):
     model.eval()
     with torch.no_grad():
         z_0 = latent_sample(denoise, normal(B, d), cfg.latent_steps, lambda: normal(B, d))
-    z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal)           # (B, d), (B,)
+    z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal, beta)     # (B, d), (B,)
     model.train()
     # 3. M-step, decoder: its -ELBO on the refined latents (z_K carries no graph).
     diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_K)                # (B,) each, nats
@@ -1299,7 +1301,7 @@ def gaussian_rate(mu, log_var):
     return 0.5 * (mu.square() + torch.expm1(log_var) - log_var).sum(-1)
 
 
-def gaussian_losses(model, x_int, t, eps, eps_0, g):
+def gaussian_losses(model, x_int, t, eps, eps_0, g, beta):
     """One step of the Gaussian-encoder baseline on a batch, em_losses' signature and return: the
     decoder's bpd on (x, z) with z = mu + sigma xi carrying the encoder's graph, beta times the
     rate in bpd (one optimiser step on their sum trains both by the reparameterisation trick),
@@ -1312,7 +1314,17 @@ def gaussian_losses(model, x_int, t, eps, eps_0, g):
     terms = batch_bpd((diff, latent, recon), model.image_shape)                 # (3,) bpd
     kl = batch_bpd((rate,), model.image_shape)[0]
     report = torch.cat([terms.detach(), rate.detach().mean()[None]])
-    return terms.sum(), model.cfg.beta * kl, report
+    return terms.sum(), beta * kl, report
+
+
+def beta_step(cfg, step):
+    """beta at training step `step` (from 0): --beta, or with --beta-warmup N, beta (step + 1) / N
+    until step N - 1 [KL annealing, Bowman et al. 2016, "Generating sentences from a continuous
+    space", section 3.1]. F_beta / beta = E_q[L_dec] / beta + KL: a small beta first weighs the
+    reconstruction over the rate, so the latent is used before the prior's pull grows to its
+    weight; for the E-step it is a low temperature, a chain that descends L_dec nearly without
+    noise (with --langevin-precond, its noise per step is about sqrt(2 eta beta / |dL_dec/dz|))."""
+    return cfg.beta * min(1.0, (step + 1) / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
 
 
 def encode(model, x, xi, S):
@@ -1405,6 +1417,8 @@ class Config:
     langevin_precond: bool = setting(False, "E-step: step eta / r_j in latent dimension j, r_j "
                                      "the batch's RMS of dU/dz_j at the chain's start")
     beta: float = setting(1.0, "E-step: beta, the information bottleneck (1: the ELBO)")
+    beta_warmup: int = setting(0, "steps over which beta rises linearly from 0 to --beta (KL "
+                               "warm-up); 0: --beta from the start")
     lam: float = setting(0.0, "E-step: lambda, the pull toward the encoder, in [0, 1)")
     # optimisation
     steps: int = setting(1_400_000, "training steps (the paper's small models: 1.4M)")
@@ -1453,7 +1467,7 @@ PRESETS = {
 # refused (main) rather than ignored.
 EM_FIELDS = ("latent_encoder", "latent_cond", "latent_gate", "latent_dim", "latent_width",
              "latent_steps", "langevin_steps", "langevin_eta", "langevin_precond", "beta",
-             "lam")
+             "beta_warmup", "lam")
 # diffusion encoder only:
 E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "langevin_precond", "lam")
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
@@ -1480,7 +1494,8 @@ RULES = dict(
     latent_dim=(lambda v: 1 <= v <= 64, "in 1..64"),
     latent_width=(lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
     latent_steps=POSITIVE, langevin_steps=(lambda v: v >= 0, "0 (no E-step) or more"),
-    langevin_eta=POSITIVE, beta=POSITIVE, lam=UNIT,
+    langevin_eta=POSITIVE, beta=POSITIVE, beta_warmup=(lambda v: v >= 0, "0 (off) or more"),
+    lam=UNIT,
     steps=POSITIVE, batch_size=POSITIVE, lr=POSITIVE,
     minutes=(lambda v: 0 <= v < math.inf, "0 (no limit) or a positive number of minutes"),
     warmup=(lambda v: v >= 1, "at least 1 (1 = no warm-up)"),
@@ -2075,7 +2090,8 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
     if cfg.model == "em":
         losses = gaussian_losses if cfg.latent_encoder == "gaussian" else em_losses
         decoder_loss, encoder_loss, report = losses(model, *batch,
-                                                    rng(cfg.seed, step, RNG["e_step"]))
+                                                    rng(cfg.seed, step, RNG["e_step"]),
+                                                    beta_step(cfg, step))
         loss = decoder_loss + encoder_loss
     else:
         diff, latent, recon = net(*batch)                            # (B,) each, nats

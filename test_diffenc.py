@@ -2103,14 +2103,15 @@ def test_the_latent_encoder_learns_the_posterior_from_its_samples_and_not_from_i
 
 
 def test_the_e_step_moves_only_z_and_each_m_step_only_its_own_network(monkeypatch):
-    """[Diffusion Encoder: the EM iteration] em_losses (beta = 2, lambda = 0.25) leaves every
+    """[Diffusion Encoder: the EM iteration] em_losses (beta = 2, the step's beta it is handed
+    over the run's 1, as during --beta-warmup; lambda = 0.25) leaves every
     weight as it was and no gradient behind (the E-step differentiates by z alone), runs the
     decoder in eval mode in the E-step (no dropout), with the configured beta and lambda, and
     hands it back in training mode; both M-steps get the E-step's z_K; the decoder's loss reaches no
     latent-encoder weight and the encoder's loss no decoder weight, while each reaches its own
     (non-zero gradients), and the E-step lowered U on this batch (Delta U < 0). A chain that
     cannot move (eta = 1e-300) reports Delta U = 0 exactly: U(z_K) reuses U(z_0)'s draw."""
-    model = randomize(em_model(dropout=0.1, langevin_steps=5, langevin_eta=0.001, beta=2.0,
+    model = randomize(em_model(dropout=0.1, langevin_steps=5, langevin_eta=0.001, beta=1.0,
                                lam=0.25)).train()
     randomize(model.latent_enc.mlp)
     x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(1))
@@ -2130,7 +2131,8 @@ def test_the_e_step_moves_only_z_and_each_m_step_only_its_own_network(monkeypatc
                         lambda f, z, *a: seen.update(enc=z) or latent_loss(f, z, *a))
     monkeypatch.setattr(de.DiffEnc, "forward", lambda self, *a, cond: seen.setdefault(
         "dec", cond) is cond and forward(self, *a, cond=cond))
-    decoder_loss, encoder_loss, report = de.em_losses(model, x_int, t, eps, eps_0, seeded(2))
+    decoder_loss, encoder_loss, report = de.em_losses(model, x_int, t, eps, eps_0, seeded(2),
+                                                      2.0)
     monkeypatch.undo()
     assert seen["dec"] is seen["z_K"][0] and seen["enc"] is seen["z_K"][0]
     assert seen["beta, lam"] == (2.0, 0.25)
@@ -2171,7 +2173,7 @@ def test_the_em_decoder_may_be_a_diffenc_model(encoder):
     pressure, = torch.autograd.grad(de.decoder_nll(model.eval(), x, t, eps)(z).sum(), z)
     assert (pressure.norm(dim=1) > 0).all()                      # the decoder feels z
     decoder_loss, encoder_loss, report = de.em_losses(model.train(), x_int, t, eps, eps_0,
-                                                      seeded(2))
+                                                      seeded(2), 1.0)
     assert torch.isfinite(report).all() and report[4] != 0
     (decoder_loss + encoder_loss).backward()
     nets = [model.score, model.latent_enc] + ([model.enc] if encoder == "learned" else [])
@@ -2333,18 +2335,19 @@ def test_the_gaussian_encoders_bound_is_exact_at_the_posterior_and_above_it_else
 
 def test_the_gaussian_baselines_step_is_beta_times_the_rate_and_reaches_the_encoder_through_z():
     """[Gaussian encoder: training] gaussian_losses returns the decoder's bpd and beta times the
-    closed-form rate in bpd (beta = 0.3 here, so a dropped beta shows), and the decoder's loss
+    closed-form rate in bpd (beta = 0.3 here, the step's beta it is handed over the run's 1, as
+    during --beta-warmup, so a dropped beta or the run's shows), and the decoder's loss
     alone has a non-zero gradient on the encoder's weights: the reparameterisation trick carries
     the decoder's pressure to the encoder (a detached z would leave it at 0). reconstruct draws
     each image's latent noise from its test-set index, whatever batch it is in."""
-    model = em_model(latent_encoder="gaussian", beta=0.3)
+    model = em_model(latent_encoder="gaussian", beta=1.0)
     randomize(model.score)
     randomize(model.latent_enc)
     torch.nn.init.normal_(model.latent_enc.head[-1].bias, generator=seeded(5))  # a rate of nats
     x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(0), dtype=torch.uint8)
     t = torch.rand(4, generator=seeded(1))
     eps, eps_0 = (torch.randn(4, 1, 8, 8, generator=seeded(k)) for k in (2, 3))
-    dec, enc, report = de.gaussian_losses(model, x_int, t, eps, eps_0, seeded(4))
+    dec, enc, report = de.gaussian_losses(model, x_int, t, eps, eps_0, seeded(4), 0.3)
     rate = de.gaussian_rate(*model.latent_enc.moments(de.scale_pixels(x_int)))
     assert torch.allclose(enc, 0.3 * de.batch_bpd((rate,), (1, 8, 8))[0], rtol=1e-12, atol=0)
     assert torch.allclose(report[3], rate.mean(), rtol=1e-12) and rate.min() > 0.1
@@ -2356,6 +2359,29 @@ def test_the_gaussian_baselines_step_is_beta_times_the_rate_and_reaches_the_enco
         z_one = de.reconstruct(model, x_int[2:3], torch.tensor([2]), None, 3, 0, 1)
         z_moved = de.reconstruct(model, x_int[2:3], torch.tensor([3]), None, 3, 0, 1)
     assert torch.equal(z_all[2:3], z_one) and not torch.equal(z_one, z_moved)
+
+
+def test_beta_warms_up_linearly_from_zero_and_train_step_hands_it_to_both_encoders(monkeypatch):
+    """[KL warm-up] With --beta-warmup N, beta_step is beta (k + 1) / N at steps k = 0 .. N - 1:
+    positive from the first step (the E-step divides L_dec by it), equal increments, beta at step
+    N - 1 and after; with N = 0 it is beta at every step. train_step hands the step's beta to the
+    diffusion encoder's EM iteration and to the Gaussian baseline (which weighs its rate by it)."""
+    cfg = de.Config(model="em", beta=0.2, beta_warmup=4)
+    b = [de.beta_step(cfg, k) for k in range(7)]
+    assert 0 < b[0] < 0.2 and all(abs(b[k + 1] - b[k] - b[0]) < 1e-15 for k in range(3))
+    assert b[3:] == [0.2] * 4
+    assert [de.beta_step(dataclasses.replace(cfg, beta_warmup=0), k) for k in range(3)] == [0.2] * 3
+    x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(1), dtype=torch.uint8)
+    batch = tuple(a.double() for a in de.draw_noise(0, 0, 4, (1, 8, 8)))
+    for name, enc in (("em_losses", "diffusion"), ("gaussian_losses", "gaussian")):
+        model = em_model(latent_encoder=enc, beta=0.2, beta_warmup=4,
+                         **({} if enc == "gaussian" else dict(langevin_eta=1e-3)))
+        opt, seen, losses = torch.optim.SGD(model.parameters(), lr=0.0), [], getattr(de, name)
+        monkeypatch.setattr(de, name, lambda *a: seen.append(a[-1]) or losses(*a))
+        for k in (0, 1, 5):
+            de.train_step(model, model, copy.deepcopy(model), opt, model.cfg, k, (x_int, *batch), 1)
+        monkeypatch.undo()
+        assert seen == [b[0], b[1], b[5]], (name, seen)
 
 
 def test_class_agreement_is_the_classifiers_accuracy_for_the_input_and_chance_for_another_image(
@@ -3518,7 +3544,8 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
     latent encoder."""
     em = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
                                        latent_width=8, latent_steps=3, langevin_steps=2,
-                                       latent_cond="spatial", latent_gate=True, **kw)
+                                       latent_cond="spatial", latent_gate=True, beta_warmup=3,
+                                       **kw)  # the warm-up spans the resume at step 2
     straight, resumed, vdm = tmp_path / "straight", tmp_path / "resumed", tmp_path / "vdm"
     de.train(em(straight, steps=4))
     de.train(em(resumed, steps=2))
