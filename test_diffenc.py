@@ -2432,7 +2432,8 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     downsample=-1, norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0,
     dropout=1.5, enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_cond="concat",
     latent_gate="yes", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
-    langevin_eta=0.0, langevin_precond="yes", beta=0.0, lam=1.0, steps=0, minutes=-1.0,
+    langevin_eta=0.0, langevin_precond="yes", beta=0.0, beta_warmup=-1, lam=1.0, steps=0,
+    minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
     ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5,
     save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
