@@ -1211,9 +1211,10 @@ def decoder_nll(model, x, t, eps):
 def em_e_step(model, x, z_0, denoise, times, normal, beta=None):
     """The E-step on a batch: K ULA steps from z_0 (B, d) on U = |z|^2 / 2 + L_diff(x, z) / beta
     - lam log q_phi(z | x), beta the run's (or, during --beta-warmup, the step's: beta_step).
-    Each step draws its own (t, eps) for the decoder's term (times() (B,), normal(*shape)); U(z_K) reuses U(z_0)'s draw, so Delta U compares the two latents on the same
-    noise (common random numbers: its sign is not drowned by the draws' variance). Returns z_K and
-    Delta U (B,)."""
+    Each step draws its own (t, eps) for the decoder's term (times() (B,), normal(*shape));
+    U(z_K) reuses U(z_0)'s draw, so Delta U compares the two latents on the same noise (common
+    random numbers: its sign is not drowned by the draws' variance). Returns z_K and Delta U
+    (B,)."""
     cfg = model.cfg
     draws = [(times(), normal(*x.shape), times(), normal(*z_0.shape))
              for _ in range(cfg.langevin_steps)]
