@@ -1324,7 +1324,8 @@ def beta_step(cfg, step):
     space", section 3.1]. F_beta / beta = E_q[L_dec] / beta + KL: a small beta first weighs the
     reconstruction over the rate, so the latent is used before the prior's pull grows to its
     weight; for the E-step it is a low temperature, a chain that descends L_dec nearly without
-    noise (with --langevin-precond, its noise per step is about sqrt(2 eta beta / |dL_dec/dz|))."""
+    noise (with --langevin-precond, once L_dec / beta dominates U, its noise per step is about
+    sqrt(2 eta beta / |dL_dec/dz|))."""
     return cfg.beta * min(1.0, (step + 1) / cfg.beta_warmup) if cfg.beta_warmup else cfg.beta
 
 

@@ -2103,11 +2103,11 @@ def test_the_latent_encoder_learns_the_posterior_from_its_samples_and_not_from_i
 
 
 def test_the_e_step_moves_only_z_and_each_m_step_only_its_own_network(monkeypatch):
-    """[Diffusion Encoder: the EM iteration] em_losses (beta = 2, the step's beta it is handed
-    over the run's 1, as during --beta-warmup; lambda = 0.25) leaves every
-    weight as it was and no gradient behind (the E-step differentiates by z alone), runs the
-    decoder in eval mode in the E-step (no dropout), with the configured beta and lambda, and
-    hands it back in training mode; both M-steps get the E-step's z_K; the decoder's loss reaches no
+    """[Diffusion Encoder: the EM iteration] em_losses (handed beta = 2, the step's, over the
+    run's 1, as during --beta-warmup; lambda = 0.25) leaves every weight as it was and no gradient
+    behind (the E-step differentiates by z alone), runs the decoder in eval mode in the E-step (no
+    dropout), with the handed beta and the configured lambda, and hands it back in training mode;
+    both M-steps get the E-step's z_K; the decoder's loss reaches no
     latent-encoder weight and the encoder's loss no decoder weight, while each reaches its own
     (non-zero gradients), and the E-step lowered U on this batch (Delta U < 0). A chain that
     cannot move (eta = 1e-300) reports Delta U = 0 exactly: U(z_K) reuses U(z_0)'s draw."""
