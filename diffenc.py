@@ -1174,12 +1174,26 @@ def conv_embedding(image_shape, w):
     return nn.Sequential(*convs, nn.Flatten(), nn.Linear(c_in * n_pos, w))
 
 
+def gaussian_eps(z_t, gamma, mean, log_var):
+    """The exact denoiser of data z_0 ~ N(mean, diag exp(log_var)): E[eps | z_t] = sigma_t (z_t -
+    alpha_t mean) / (alpha_t^2 v + sigma_t^2), v = exp(log_var), per dimension (z_t = alpha_t z_0
+    + sigma_t eps is Gaussian with that mean and variance, and eps's regression on it is linear).
+    z_t, mean, log_var (B, d), gamma (B,) -> (B, d). mean = 0, log_var = 0: sigma_t z_t."""
+    alpha, sigma = alpha_sigma(gamma[:, None])                                  # (B, 1) each
+    return sigma * (z_t - alpha * mean) / (alpha ** 2 * log_var.exp() + sigma ** 2)
+
+
 class LatentEncoder(nn.Module):
     """q_phi(z | x)'s denoiser eps_hat(z_t, gamma_t; h(x)): an MLP on (z_t, the time embedding,
     h(x)), h a conv embedding of the image (three stride-2 3x3 convs, then Dense). The network adds
-    sigma_t z_t, the exact denoiser of N(0, I) data, to a zero-initialised last layer: at init q_phi
-    is the prior (exactly in continuous time; its S-step samplers up to their discretisation), and
-    the E-step alone moves the latents toward the posterior at first."""
+    a Gaussian's exact denoiser to a zero-initialised last layer: N(0, I)'s, sigma_t z_t, or with
+    --latent-skip N(m(x), diag v(x))'s (gaussian_eps), (m, log v) a zero-initialised Dense on h(x).
+    At init q_phi is the prior either way (exactly in continuous time; its S-step samplers up to
+    their discretisation), and the E-step alone moves the latents toward the posterior at first.
+    Why the skip (ours): the MLP must learn a shift of z_0's mean as a t-dependent correction,
+    under the denoising loss's noise; through m(x) it is one linear map of h(x), and with the MLP
+    at zero q_phi is exactly N(m(x), diag v(x)), so the diffusion encoder contains the Gaussian
+    baseline's family and can only add to it."""
 
     def __init__(self, cfg, image_shape):
         super().__init__()
@@ -1188,17 +1202,23 @@ class LatentEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d + 2 * w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(),
                                  nn.Linear(w, d))
         zero_init(self.mlp[-1])
+        self.skip = nn.Linear(w, 2 * d) if cfg.latent_skip else None  # h -> (m, log v)
+        if self.skip is not None:
+            zero_init(self.skip)
 
     def denoiser(self, x):
         """x (B, C, H, W) in [-1, 1] -> the callable (z_t (B, d), gamma_t (B,)) -> eps_hat (B, d)
         that the functions above take, with h(x) computed once and bound in."""
         h = self.embed(x)                                                        # (B, w)
+        if self.skip is not None:
+            mean, log_var = self.skip(h).chunk(2, dim=1)                         # (B, d) each
 
         def denoise(z_t, gamma):
             t_in = (gamma - LATENT_GAMMA[0]) / (LATENT_GAMMA[1] - LATENT_GAMMA[0])
             temb = timestep_embedding(1000 * t_in, self.w)                     # (B, w)
-            sigma = alpha_sigma(gamma[:, None])[1]                               # (B, 1)
-            return sigma * z_t + self.mlp(torch.cat([z_t, temb, h], 1))
+            base = (alpha_sigma(gamma[:, None])[1] * z_t if self.skip is None else
+                    gaussian_eps(z_t, gamma, mean, log_var))                     # (B, d)
+            return base + self.mlp(torch.cat([z_t, temb, h], 1))
         return denoise
 
 
@@ -1413,6 +1433,8 @@ class Config:
                                 "acts where the noise hides the image, and not at low noise")
     latent_dim: int = setting(16, "latent size d (at most 64: log q needs d x d Jacobians)")
     latent_width: int = setting(256, "width of the latent encoder's MLP (a multiple of 8)")
+    latent_skip: bool = setting(False, "the diffusion encoder's denoiser adds the exact denoiser "
+                                "of N(m(x), diag v(x)), learned from h(x), instead of N(0, I)'s")
     latent_steps: int = setting(20, "the latent encoder's sampling steps S")
     langevin_steps: int = setting(10, "E-step: Langevin steps K (0: no E-step, an ablation)")
     langevin_eta: float = setting(1e-3, "E-step: Langevin step size eta")
@@ -1468,14 +1490,15 @@ PRESETS = {
 # Fields that only --model em reads: given to another model they would do nothing, so they are
 # refused (main) rather than ignored.
 EM_FIELDS = ("latent_encoder", "latent_cond", "latent_gate", "latent_dim", "latent_width",
-             "latent_steps", "langevin_steps", "langevin_eta", "langevin_precond", "beta",
-             "beta_warmup", "lam")
+             "latent_skip", "latent_steps", "langevin_steps", "langevin_eta", "langevin_precond",
+             "beta", "beta_warmup", "lam")
 # diffusion encoder only:
-E_STEP_FIELDS = ("latent_steps", "langevin_steps", "langevin_eta", "langevin_precond", "lam")
+E_STEP_FIELDS = ("latent_skip", "latent_steps", "langevin_steps", "langevin_eta",
+                 "langevin_precond", "lam")
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
                 "n_layer", "downsample", "norm_groups", "enc_ch", "enc_levels", "enc_blocks",
                 "enc_norm_groups", "model", "latent_encoder", "latent_cond", "latent_gate",
-                "latent_dim", "latent_width")
+                "latent_dim", "latent_width", "latent_skip")
 
 
 # What each field's value must be: every Config field has a rule here, a list of choices, or is a
@@ -3561,8 +3584,8 @@ def main(argv=None):
         e_step = [f for f in E_STEP_FIELDS if getattr(args, f) is not None]
         if trains and args.latent_encoder == "gaussian" and e_step:
             flag = "--" + e_step[0].replace("_", "-")
-            raise DiffEncError(f"{flag} sets the diffusion encoder's sampler or E-step, and "
-                               f"--latent-encoder gaussian has neither; drop {flag}")
+            raise DiffEncError(f"{flag} sets the diffusion encoder's network, sampler or "
+                               f"E-step, which --latent-encoder gaussian has not; drop {flag}")
         if trains and (args.model or Config.model) != "em" and unused:
             flag = "--" + unused[0].replace("_", "-")
             raise DiffEncError(f"{flag} is an option of --model em; add --model em or drop {flag}")

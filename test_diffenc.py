@@ -1798,6 +1798,36 @@ def test_the_deterministic_sampler_has_exactly_the_density_latent_log_q_gives():
     assert (log_q - standard.log_prob(z_1)).abs().min() > 0.5
 
 
+def test_the_latent_skip_is_a_gaussians_exact_denoiser_learned_from_the_image():
+    """[Diffusion Encoder: --latent-skip] gaussian_eps is the exact denoiser of N(m, diag v): it
+    equals the eigendecomposition helper's E[eps | z_t] at every z_t and t (1e-12 of the largest
+    entry: a few float64 operations per entry). With --latent-skip the encoder starts as the
+    prior (its denoiser is sigma_t z_t to rounding: alpha^2 + sigma^2 is 1 to rounding), and with
+    the skip's Dense random and the MLP's last layer at zero it is exactly the denoiser of
+    N(m(x), diag v(x)), (m, log v) the Dense on h(x), which differ between images; the encoder's
+    M-step loss reaches the skip (non-zero gradient)."""
+    gen = seeded(0)
+    z, gamma = torch.randn(6, 3, generator=gen), torch.linspace(-9, 9, 6)
+    m, log_v = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    exact = gaussian_denoiser(m, torch.diag(log_v.exp()))(z, gamma)
+    ours = de.gaussian_eps(z, gamma, m.expand(6, 3), log_v.expand(6, 3))
+    assert close_to_scale(ours, exact, 1e-12) and (ours - exact.mean(0)).abs().max() > 0.1
+    model = em_model(latent_skip=True)
+    x = de.scale_pixels(torch.randint(0, 256, (6, 1, 8, 8), generator=seeded(1)))
+    enc = model.latent_enc
+    sigma = de.alpha_sigma(gamma[:, None])[1]
+    assert close_to_scale(enc.denoiser(x)(z, gamma), sigma * z, 1e-15)
+    randomize(enc.skip, std=3.0)
+    m_x, log_v_x = enc.skip(enc.embed(x)).chunk(2, dim=1)                      # (6, 3) each
+    assert (m_x - m_x.mean(0)).abs().max() > 0.1 and (log_v_x - log_v_x.mean(0)).abs().max() > 0.1
+    for i in range(6):  # row i: the exact denoiser of image i's Gaussian
+        exact = gaussian_denoiser(m_x[i].detach(), torch.diag(log_v_x[i].detach().exp()))
+        assert close_to_scale(enc.denoiser(x)(z, gamma)[i], exact(z, gamma)[i], 1e-12)
+    loss = de.latent_denoising_loss(enc.denoiser(x), z, torch.rand(6, generator=gen),
+                                    torch.randn(6, 3, generator=gen)).sum()
+    assert torch.autograd.grad(loss, enc.skip.weight)[0].abs().max() > 0
+
+
 def test_the_latent_denoising_loss_is_the_latents_negative_log_likelihood_bound():
     """[Diffusion Encoder: encoder M-step; VDM: continuous-time loss] For z_0 ~ N(m, Sigma) and the
     exact denoiser, E[latent_denoising_loss] plus the reconstruction term of a continuous z_0 at
@@ -2431,7 +2461,8 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     gamma_min=-1e6, gamma_max=31.0, T=-1, increment="rk4", size="huge", n_embd=0, n_layer=0,
     downsample=-1, norm_groups=0, enc_ch=-8, enc_levels=0, enc_blocks=0, enc_norm_groups=0,
     dropout=1.5, enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_cond="concat",
-    latent_gate="yes", latent_dim=65, latent_width=12, latent_steps=0, langevin_steps=-1,
+    latent_gate="yes", latent_dim=65, latent_width=12, latent_skip="yes", latent_steps=0,
+    langevin_steps=-1,
     langevin_eta=0.0, langevin_precond="yes", beta=0.0, beta_warmup=-1, lam=1.0, steps=0,
     minutes=-1.0,
     batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
@@ -3546,7 +3577,7 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
     em = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
                                        latent_width=8, latent_steps=3, langevin_steps=2,
                                        latent_cond="spatial", latent_gate=True, beta_warmup=3,
-                                       **kw)  # the warm-up spans the resume at step 2
+                                       latent_skip=True, **kw)  # the warm-up spans the resume
     straight, resumed, vdm = tmp_path / "straight", tmp_path / "resumed", tmp_path / "vdm"
     de.train(em(straight, steps=4))
     de.train(em(resumed, steps=2))
@@ -3652,6 +3683,7 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
              "--latent-encoder is an option of --model em"),
             ([*em, "--latent-encoder", "gaussian", "--langevin-eta", 0.1], "drop --langevin-eta"),
             ([*em, "--latent-encoder", "gaussian", "--latent-steps", 5], "drop --latent-steps"),
+            ([*em, "--latent-encoder", "gaussian", "--latent-skip"], "drop --latent-skip"),
             (["--eval", ckpt, "--latent-steps", 5], "--latent-encoder gaussian checkpoint"),
             (["--sample", ckpt, "--latent-steps", 5], "--latent-encoder gaussian checkpoint")):
         code, err = main_error(capsys, *argv)
