@@ -1202,7 +1202,9 @@ class LatentEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d + 2 * w, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(),
                                  nn.Linear(w, d))
         zero_init(self.mlp[-1])
-        self.skip = nn.Linear(w, 2 * d) if cfg.latent_skip else None  # h -> (m, log v)
+        # h -> (m, log v), zero; skip_init draws no random numbers, so every other weight starts
+        # as without the skip (an ablation that differs by the skip alone)
+        self.skip = nn.utils.skip_init(nn.Linear, w, 2 * d) if cfg.latent_skip else None
         if self.skip is not None:
             zero_init(self.skip)
 

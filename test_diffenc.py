@@ -1802,7 +1802,8 @@ def test_the_latent_skip_is_a_gaussians_exact_denoiser_learned_from_the_image():
     """[Diffusion Encoder: --latent-skip] gaussian_eps is the exact denoiser of N(m, diag v): it
     equals the eigendecomposition helper's E[eps | z_t] at every z_t and t (1e-12 of the largest
     entry: a few float64 operations per entry). With --latent-skip the encoder starts as the
-    prior (its denoiser is sigma_t z_t to rounding: alpha^2 + sigma^2 is 1 to rounding), and with
+    prior (its denoiser is sigma_t z_t to rounding: alpha^2 + sigma^2 is 1 to rounding; its other
+    weights start as without the skip, so the two runs differ by the skip alone), and with
     the skip's Dense random and the MLP's last layer at zero it is exactly the denoiser of
     N(m(x), diag v(x)), (m, log v) the Dense on h(x), which differ between images; the encoder's
     M-step loss reaches the skip (non-zero gradient)."""
@@ -1812,7 +1813,8 @@ def test_the_latent_skip_is_a_gaussians_exact_denoiser_learned_from_the_image():
     exact = gaussian_denoiser(m, torch.diag(log_v.exp()))(z, gamma)
     ours = de.gaussian_eps(z, gamma, m.expand(6, 3), log_v.expand(6, 3))
     assert close_to_scale(ours, exact, 1e-12) and (ours - exact.mean(0)).abs().max() > 0.1
-    model = em_model(latent_skip=True)
+    model, plain = em_model(latent_skip=True), em_model().state_dict()
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items() if k in plain)
     x = de.scale_pixels(torch.randint(0, 256, (6, 1, 8, 8), generator=seeded(1)))
     enc = model.latent_enc
     sigma = de.alpha_sigma(gamma[:, None])[1]
