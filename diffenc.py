@@ -1192,8 +1192,8 @@ class LatentEncoder(nn.Module):
     their discretisation), and the E-step alone moves the latents toward the posterior at first.
     Why the skip (ours): the MLP must learn a shift of z_0's mean as a t-dependent correction,
     under the denoising loss's noise; through m(x) it is one linear map of h(x), and with the MLP
-    at zero q_phi is exactly N(m(x), diag v(x)), so the diffusion encoder contains the Gaussian
-    baseline's family and can only add to it."""
+    at zero q_phi is exactly N(m(x), diag v(x)): the diffusion encoder's family contains the
+    Gaussian baseline's."""
 
     def __init__(self, cfg, image_shape):
         super().__init__()
