@@ -2657,7 +2657,6 @@ def report_em_bound(path, ckpt, bpd, args):
     return total
 
 
-
 RD_COLORS = dict(diffusion="#d62728", gaussian="#1f77b4")  # the two encoders in the R-D plot
 
 
@@ -2666,8 +2665,9 @@ def report_rate_distortion(rows):
     [the seed's comparison: the diffusion encoder against the Gaussian one, across beta]: a table
     (encoder, beta, step, D + R, R, D, class agreement, distance ratio, each mean ± standard
     error over images) and rd.svg beside the first checkpoint, D against R in bpd, one dot per
-    checkpoint labelled by encoder and beta. rows: [(path, cfg, step, bpd (N, 6 or 8), ratio (N,),
-    agree (N,) or None)]."""
+    checkpoint labelled by encoder and beta; then, at each beta with both encoders, the paired
+    difference diffusion minus Gaussian of D + R, class agreement and distance ratio. rows:
+    [(path, cfg, step, bpd (N, 6 or 8), ratio (N,), agree (N,) or None)]."""
     se, points = std_err, []
     print("rate-distortion (bpd; the same test images for every checkpoint; mean ± standard "
           "error over images)")
@@ -2685,6 +2685,28 @@ def report_rate_distortion(rows):
     svg_scatter(out, points, [(c, f"{e} encoder ({e[0]}), labelled by beta")
                               for e, c in RD_COLORS.items()], "R (bpd)", "D (bpd)")
     print(f"wrote {out}: D against R, one dot per checkpoint")
+    # The seed's question, at each beta that has both encoders: the diffusion encoder minus the
+    # Gaussian one, per image and then averaged (the rows share their test images, so the
+    # standard error is the paired one, smaller than the two rows' combined when they correlate).
+    first = {}
+    for path, cfg, step, bpd, ratio, agree in rows:
+        first.setdefault((cfg.beta, cfg.latent_encoder), (bpd, ratio, agree))
+    for beta in dict.fromkeys(cfg.beta for _, cfg, *_ in rows):
+        if {(beta, "diffusion"), (beta, "gaussian")} - first.keys():
+            continue
+        (bpd_d, ratio_d, agree_d), (bpd_g, ratio_g, agree_g) = (first[beta, "diffusion"],
+                                                                first[beta, "gaussian"])
+        if len(bpd_d) != len(bpd_g):
+            continue
+        diff = lambda a, b, k, scale=1: (f"{scale * (a - b).mean():+.{k}f} ± "
+                                         f"{scale * se(a - b):.{k}f}")
+        bound = lambda b: b[:, :4].sum(1)                                       # D + R (N,)
+        agreement = ("" if agree_d is None or agree_g is None else
+                     f", class agreement {diff(agree_d, agree_g, 1, 100)} points")
+        print(f"  beta {beta:g}, diffusion minus Gaussian encoder (paired, the same images): "
+              f"D + R {diff(bound(bpd_d), bound(bpd_g), 4)} bpd{agreement}, distance ratio "
+              f"{diff(ratio_d, ratio_g, 3)}")
+
 
 def plot_em_log(ckpt_path, kind):
     """The training curves of a --model em run (LOG_COLUMNS key kind: em or gaussian), from the
