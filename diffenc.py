@@ -2696,7 +2696,7 @@ def report_rate_distortion(rows):
             continue
         (bpd_d, ratio_d, agree_d), (bpd_g, ratio_g, agree_g) = (first[beta, "diffusion"],
                                                                 first[beta, "gaussian"])
-        if len(bpd_d) != len(bpd_g):
+        if len(bpd_d) != len(bpd_g):  # two data sets' checkpoints: no images to pair
             continue
         diff = lambda a, b, k, scale=1: (f"{scale * (a - b).mean():+.{k}f} ± "
                                          f"{scale * se(a - b):.{k}f}")
