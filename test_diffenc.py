@@ -3686,7 +3686,7 @@ def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_p
             ([*em, "--latent-encoder", "gaussian", "--langevin-eta", 0.1], "drop --langevin-eta"),
             ([*em, "--latent-encoder", "gaussian", "--latent-steps", 5], "drop --latent-steps"),
             ([*em, "--latent-encoder", "gaussian", "--latent-skip"], "drop --latent-skip"),
-            (["--train", "synthetic", *TINY, "--latent-skip"],
+            (["--train", "synthetic", *TINY, "--steps", 1, "--latent-skip"],
              "--latent-skip is an option of --model em"),
             (["--eval", ckpt, "--latent-steps", 5], "--latent-encoder gaussian checkpoint"),
             (["--sample", ckpt, "--latent-steps", 5], "--latent-encoder gaussian checkpoint")):
