@@ -1453,6 +1453,10 @@ class Config:
     batch_size: int = setting(128, "global batch size (split over DDP ranks)")
     lr: float = setting(2e-4, "AdamW learning rate")
     warmup: int = setting(100, "linear learning-rate warm-up steps")
+    lr_decay: str = setting("constant", "the learning rate after the warm-up: constant (the "
+                            "paper) or cosine, from --lr at step 0 to 0 at --steps (so a resumed "
+                            "run keeps its schedule only with the same --steps)",
+                            ("constant", "cosine"))
     weight_decay: float = setting(0.01, "AdamW weight decay (not on biases or the schedule)")
     clip: float = setting(0.0, "gradient-norm clipping; 0 = off (the paper)")
     weight_bias: float = setting(math.inf, "training only: the diffusion loss at t is weighted by "
@@ -1772,8 +1776,9 @@ def indexed_normal(indices, shape, n, *keys):
 #
 # AdamW (lr 2e-4, betas (0.9, 0.99), eps 1e-8, weight decay 0.01 except on biases), 100-step
 # linear warm-up then constant, no clipping, EMA 0.9999 of the weights for evaluation and
-# sampling [code: config_opt_adamw_0002_no_clip.json, model_handling.py]. The encoder, score
-# network and schedule are one module trained jointly on the bpd.
+# sampling [code: config_opt_adamw_0002_no_clip.json, model_handling.py]; a cosine decay after
+# the warm-up is our option (--lr-decay, lr_at). The encoder, score network and schedule are one
+# module trained jointly on the bpd.
 # Reproducibility: data order, t, eps and dropout masks are functions of (seed, step), so a run
 # resumed from a checkpoint repeats the uninterrupted run bit for bit (on the same machine).
 # Robustness: checkpoints carry a digest of their content and are written to a temporary file,
@@ -2106,6 +2111,17 @@ def open_log(path, step, header):
     return open(path, "a")
 
 
+def lr_at(cfg, step):
+    """The learning rate of step `step` (from 0): --lr times a linear warm-up over --warmup
+    steps, times, with --lr-decay cosine, (1 + cos(pi step / steps)) / 2 [Loshchilov & Hutter 2017,
+    SGDR, one cycle without restarts]: a half cosine from 1 at step 0 to nearly 0 at the last
+    step, so the run ends on small steps around the weights it has found instead of at --lr."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if cfg.lr_decay == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    return lr
+
+
 def train_step(net, model, ema, opt, cfg, step, batch, world):
     """One step of AdamW on the bpd of batch = (x (B, C, H, W) uint8, t (B,), eps, eps_0 (B, C,
     H, W)); for --model em, one EM iteration (em_losses) with the E-step's noise drawn from
@@ -2113,7 +2129,7 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
     em also its two columns of LOG_COLUMNS); the weights are left untouched when it is not
     finite."""
     for group in opt.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
+        group["lr"] = lr_at(cfg, step)
     if cfg.model == "em":
         losses = gaussian_losses if cfg.latent_encoder == "gaussian" else em_losses
         decoder_loss, encoder_loss, report = losses(model, *batch,

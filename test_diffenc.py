@@ -1305,6 +1305,32 @@ def test_weight_bias_weights_the_trained_diffusion_term_and_nothing_else():
         assert close_to_scale(p.grad, q.grad, 1e-10), name
 
 
+def test_the_learning_rate_warms_up_then_stays_or_follows_a_half_cosine_to_zero():
+    """[optimisation] lr_at: a linear warm-up to --lr over --warmup steps, then --lr at every step
+    (the paper's constant) or, with --lr-decay cosine, --lr (1 + cos(pi k / steps)) / 2: half of
+    --lr at the run's middle, 0.854 of it a quarter in (a linear decay would give 0.75), falling
+    at every step after the warm-up, and below 1e-4 of --lr (yet above 0) at the last step.
+    train_step sets the step's value on every parameter group."""
+    cfg = de.Config(lr=2e-3, warmup=10, steps=1000)
+    const = [de.lr_at(cfg, k) for k in range(1000)]
+    assert const[:10] == pytest.approx([2e-3 * (k + 1) / 10 for k in range(10)], rel=1e-12)
+    assert const[10:] == [2e-3] * 990
+    cos = [de.lr_at(dataclasses.replace(cfg, lr_decay="cosine"), k) for k in range(1000)]
+    assert cos[0] == pytest.approx(2e-4, rel=1e-12)                # the warm-up; cos(0) = 1
+    assert cos[250] == pytest.approx(2e-3 * (1 + math.cos(math.pi / 4)) / 2, rel=1e-12)
+    assert cos[500] == pytest.approx(1e-3, rel=1e-12)
+    assert all(b < a for a, b in zip(cos[9:], cos[10:]))
+    assert 0 < cos[-1] < 2e-3 * 1e-4
+    shape = (1, 4, 4)
+    model = small_model("none", image=shape, lr=2e-3, warmup=10, steps=1000, lr_decay="cosine")
+    x_int = torch.randint(0, 256, (4, *shape), generator=torch.Generator().manual_seed(0))
+    batch = (x_int, *(a.double() for a in de.draw_noise(0, 0, 4, shape)))
+    opt = de.make_optimizer(model, model.cfg, torch.device("cpu"))
+    assert len(opt.param_groups) == 2
+    de.train_step(model, model, copy.deepcopy(model), opt, model.cfg, 250, batch, 1)
+    assert [g["lr"] for g in opt.param_groups] == [cos[250]] * 2
+
+
 @given(x=PIXELS, g1=st.floats(-2.0, 8.0))
 def test_prior_loss_matches_gauss_hermite_integration(x, g1):
     """[VDM: prior loss] KL(N(alpha_1 x_phi(1), sigma_1^2) || N(0, 1)) from prior_loss equals
@@ -2467,7 +2493,7 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     langevin_steps=-1,
     langevin_eta=0.0, langevin_precond="yes", beta=0.0, beta_warmup=-1, lam=1.0, steps=0,
     minutes=-1.0,
-    batch_size=-1, lr=-1.0, warmup=0, weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
+    batch_size=-1, lr=-1.0, warmup=0, lr_decay="linear", weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
     ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5,
     save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
 
@@ -3482,8 +3508,10 @@ def test_minutes_ends_training_as_a_last_step_and_resume_continues_bit_exactly(t
     """[training] --minutes M stops training once M minutes have passed, at a step boundary, and
     treats that step as the last: a checkpoint and a test evaluation there. The checkpoint is the
     one a run of exactly that many steps writes, so --resume (no limit) continues bit for bit
-    (with --downsample 1: the score U-Net's resampling layers resume too)."""
-    common = ["--train", "synthetic", *TINY, "--downsample", "1", "--steps", "3"]
+    (with --downsample 1: the score U-Net's resampling layers resume too; with --lr-decay cosine:
+    the learning rate is a function of the step and the run's --steps alone)."""
+    common = ["--train", "synthetic", *TINY, "--downsample", "1", "--steps", "3", "--lr-decay",
+              "cosine"]
     de.main(common + ["--minutes", "1e-9", "--out", str(tmp_path / "cut")])   # stops at step 1
     out = capsys.readouterr().out
     assert "--minutes 1e-09 reached after step 1" in out and "step 1 | test bpd" in out, out
