@@ -2285,6 +2285,8 @@ def train(cfg):
                     then = "; continue from there with --resume" if saved is not None else ""
                     raise SystemExit(f"diffenc: the final checkpoint of step {step} could not be "
                                      f"written; {holds()}{then}")
+            if world > 1 and last:  # the others wait while rank 0 evaluates and saves: a rank
+                dist.barrier()      # that tore gloo down while another still ran aborted (SIGABRT)
             if stop:
                 if rank == 0:
                     print(f"diffenc: stopped by {signal.Signals(stop[0]).name} after step {step}; "
