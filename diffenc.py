@@ -1006,6 +1006,13 @@ def tune_schedule(model, data, T, steps, lr, batch_size, seed):
 #            moves z early in training, while the decoder barely reads the latent.
 #   M-steps  the decoder on L_dec(x, z_K), and the encoder on the latent denoising loss of z_K: a
 #            maximum-likelihood fit of q_phi to the chain's samples. They touch disjoint weights.
+#            --langevin-shared (ours): the decoder's M-step reads z_0 instead, and its backward
+#            gives grad_z L_dec(x, z_0) with the weights' gradients, which is the E-step's first
+#            step: one decoder pass fewer per iteration (for K = 1 the EM step then costs a
+#            Gaussian encoder's step plus the latent sampler and the pass for Delta U). At EM's
+#            fixed point q_phi is the chain's stationary law, so z_0 and z_K have one law and the
+#            decoder's M-step is the same in expectation; away from it the decoder learns to read
+#            the encoder's latents, which are the ones reconstructions use.
 # The bound: D + R >= -log p(x), D = E_q[L_dec], R = E_q[log q(z | x) - log p(z)], with log q exact
 # for the deterministic (DDIM) sampler: z_0 = f(z_1) with z_1 ~ N(0, I) and f invertible, so
 #     log q(z_0) = log N(z_1; 0, I) - sum over steps of log |det dz_s / dz_t|.
@@ -1065,11 +1072,13 @@ def posterior_energy(nll, beta=1.0, lam=0.0, log_q=None):
     return U
 
 
-def e_step(z, energy, eta, K, noise, precond=False):
+def e_step(z, energy, eta, K, noise, precond=False, first=None):
     """K Langevin steps on energy (z (B, d) -> U (B,)) from z; noise() draws xi (B, d). Returns
     z_K (no graph) and U(z_K) - U(z_0) per row: negative where the chain moved downhill, which it
     must on average when it starts from a proposal worse than the target. K + 1 evaluations of U
     (each a decoder pass in training): U(z_0) is the first step's. K = 0: no step, no evaluation.
+    first: (U(z_0) (B,), grad U(z_0) (B, d)) where the caller has them (--langevin-shared), used
+    by the first step instead of an evaluation: then K evaluations.
     precond: the step in dimension j is eta / r_j, r_j the root mean square over the batch of the
     first step's dU/dz_j, then held for the K steps (a constant diagonal preconditioner, so the
     chain still targets exp(-U); the RMS scaling of preconditioned SGLD [Li et al. 2016]): each
@@ -1078,10 +1087,13 @@ def e_step(z, energy, eta, K, noise, precond=False):
     z, u_0, step = z.detach(), None, eta
     if K == 0:
         return z, z.new_zeros(len(z))
-    for _ in range(K):
-        z.requires_grad_(True)
-        u = energy(z)                                                            # (B,)
-        grad_U, = torch.autograd.grad(u.sum(), z)                                # (B, d)
+    for k in range(K):
+        if k == 0 and first is not None:
+            u, grad_U = first
+        else:
+            z.requires_grad_(True)
+            u = energy(z)                                                        # (B,)
+            grad_U, = torch.autograd.grad(u.sum(), z)                            # (B, d)
         if u_0 is None:
             u_0 = u.detach()
             if precond:  # r (d,); floored at the dtype's tiniest number: never a division by 0
@@ -1230,31 +1242,63 @@ def decoder_nll(model, x, t, eps):
     return lambda z: model._continuous(x, t, eps, z)
 
 
-def em_e_step(model, x, z_0, denoise, times, normal, beta=None):
+def em_e_step(model, x, z_0, denoise, times, normal, beta=None, shared=None):
     """The E-step on a batch: K ULA steps from z_0 (B, d) on U = |z|^2 / 2 + L_diff(x, z) / beta
     - lam log q_phi(z | x), beta the run's (or, during --beta-warmup, the step's: beta_step).
     Each step draws its own (t, eps) for the decoder's term (times() (B,), normal(*shape));
     U(z_K) reuses U(z_0)'s draw, so Delta U compares the two latents on the same noise (common
     random numbers: its sign is not drowned by the draws' variance). Returns z_K and Delta U
-    (B,)."""
+    (B,). shared (--langevin-shared): (L_diff (B,) and its gradient (B, d) at z_0, from the
+    decoder's M-step, and z -> L_diff(x, z) on that M-step's draw): the first step uses them
+    instead of a decoder pass, and U(z_K) is evaluated on that draw."""
     cfg = model.cfg
+    beta = beta or cfg.beta
     draws = [(times(), normal(*x.shape), times(), normal(*z_0.shape))
-             for _ in range(cfg.langevin_steps)]
-    calls = iter(draws + draws[:1])
+             for _ in range(cfg.langevin_steps - (shared is not None))]
+    first = None
+    if shared is not None:  # lam = 0 (validate): U = |z|^2 / 2 + L_diff / beta
+        nll_0, grad_0, nll = shared
+        first = (0.5 * z_0.square().sum(-1) + nll_0 / beta, z_0 + grad_0 / beta)
+    calls = iter(draws + (draws[:1] if shared is None else [None]))
 
     def energy(z):
-        t_k, eps_k, t_q, eps_q = next(calls)
+        draw = next(calls)
+        if draw is None:  # --langevin-shared: U(z_K) on the M-step's draw
+            return posterior_energy(nll, beta)(z)
+        t_k, eps_k, t_q, eps_q = draw
         log_q = lambda z: -latent_denoising_loss(denoise, z, t_q, eps_q)  # up to its constant
-        return posterior_energy(decoder_nll(model, x, t_k, eps_k), beta or cfg.beta, cfg.lam,
-                                log_q)(z)
+        return posterior_energy(decoder_nll(model, x, t_k, eps_k), beta, cfg.lam, log_q)(z)
     return e_step(z_0, energy, cfg.langevin_eta, cfg.langevin_steps, lambda: normal(*z_0.shape),
-                  cfg.langevin_precond)
+                  cfg.langevin_precond, first)
+
+
+def shared_m_step(model, x_int, t, eps, eps_0, z_0):
+    """--langevin-shared: the decoder's M-step on (x, z_0), with its backward run here, once for
+    the weights (their .grad) and for z_0. Returns the bpd terms (3,) (no graph), L_diff at z_0
+    (B,) nats, its gradient in z_0 (B, d) and z -> L_diff(x, z) on the M-step's (t, eps) and
+    dropout masks (its dropout draws from a fork of the random state, which the function replays
+    once: Delta U's common random numbers)."""
+    z_0 = z_0.detach().requires_grad_(True)
+    device = eps.device
+    devices = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_0)             # (B,) each, nats
+        terms = batch_bpd((diff, latent, recon), model.image_shape)             # (3,) bpd
+        terms.sum().backward()
+    # terms.sum() holds L_diff / (B D ln 2) (batch_bpd): z_0.grad back to nats per image
+    grad = z_0.grad * len(z_0) * math.prod(model.image_shape) * math.log(2)     # (B, d)
+
+    def nll(z):  # the M-step's pass again: training mode, and the random state it started from
+        model.train()
+        return model(x_int, t, eps, eps_0, cond=z)[0]
+    return terms.detach(), diff.detach(), grad, nll
 
 
 def em_losses(model, x_int, t, eps, eps_0, g, beta):
     """One EM iteration on a batch. x_int (B, C, H, W) uint8; t (B,), eps, eps_0 (B, C, H, W): the
     decoder's noise for its M-step; g: a CPU generator for the encoder's sampler and the E-step;
-    beta: the E-step's temperature at this step (beta_step).
+    beta: the E-step's temperature at this step (beta_step). With --langevin-shared the decoder's
+    M-step reads z_0 and its backward has run here (its loss comes back without a graph).
     Returns the M-steps' two losses, scalars: the decoder's bpd on (x, z_K), and the encoder's
     latent loss on z_K in bits per latent dimension (disjoint weights: one optimiser step on their
     sum does both), and the report (5,): the decoder's (diffusion, latent, recon) bpd, the
@@ -1271,13 +1315,20 @@ def em_losses(model, x_int, t, eps, eps_0, g, beta):
     model.eval()
     with torch.no_grad():
         z_0 = latent_sample(denoise, normal(B, d), cfg.latent_steps, lambda: normal(B, d))
-    z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal, beta)     # (B, d), (B,)
+    if cfg.langevin_shared:  # 3. first, on z_0: its backward is also the E-step's first gradient
+        model.train()
+        terms, *shared = shared_m_step(model, x_int, t, eps, eps_0, z_0)
+        model.eval()
+        z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal, beta, shared)
+    else:
+        z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal, beta)  # (B, d), (B,)
+        model.train()
+        # 3. M-step, decoder: its -ELBO on the refined latents (z_K carries no graph).
+        diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_K)            # (B,) each, nats
+        terms = batch_bpd((diff, latent, recon), model.image_shape)             # (3,) bpd
     model.train()
-    # 3. M-step, decoder: its -ELBO on the refined latents (z_K carries no graph).
-    diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_K)                # (B,) each, nats
     # 4. M-step, encoder: maximum likelihood of q_phi on the chain's samples.
     enc = latent_denoising_loss(denoise, z_K, times(), normal(B, d))         # (B,)
-    terms = batch_bpd((diff, latent, recon), model.image_shape)                 # (3,) bpd
     report = torch.cat([terms.detach(), torch.stack([enc.detach().mean() / d + LATENT_RECON,
                                                      delta_U.mean()])])
     return terms.sum(), enc.mean() / (d * math.log(2)), report
@@ -1442,6 +1493,9 @@ class Config:
     langevin_eta: float = setting(1e-3, "E-step: Langevin step size eta")
     langevin_precond: bool = setting(False, "E-step: step eta / r_j in latent dimension j, r_j "
                                      "the batch's RMS of dU/dz_j at the chain's start")
+    langevin_shared: bool = setting(False, "E-step: its first gradient from the decoder's M-step, "
+                                    "which then reads z_0 ~ q instead of z_K: one decoder pass "
+                                    "fewer per step")
     beta: float = setting(1.0, "E-step: beta, the information bottleneck (1: the ELBO)")
     beta_warmup: int = setting(0, "steps over which beta rises linearly from 0 to --beta (KL "
                                "warm-up); 0: --beta from the start")
@@ -1497,10 +1551,10 @@ PRESETS = {
 # refused (main) rather than ignored.
 EM_FIELDS = ("latent_encoder", "latent_cond", "latent_gate", "latent_dim", "latent_width",
              "latent_skip", "latent_steps", "langevin_steps", "langevin_eta", "langevin_precond",
-             "beta", "beta_warmup", "lam")
+             "langevin_shared", "beta", "beta_warmup", "lam")
 # diffusion encoder only:
 E_STEP_FIELDS = ("latent_skip", "latent_steps", "langevin_steps", "langevin_eta",
-                 "langevin_precond", "lam")
+                 "langevin_precond", "langevin_shared", "lam")
 MODEL_FIELDS = ("dataset", "encoder", "param", "schedule", "gamma_min", "gamma_max", "n_embd",
                 "n_layer", "downsample", "norm_groups", "enc_ch", "enc_levels", "enc_blocks",
                 "enc_norm_groups", "model", "latent_encoder", "latent_cond", "latent_gate",
@@ -1574,6 +1628,9 @@ def validate(cfg):
     if cfg.model == "em" and cfg.weight_bias != math.inf:
         raise DiffEncError("--weight-bias weights the diffusion loss of --model diffenc; --model "
                            "em trains on its ELBO (the E-step's energy); drop --weight-bias")
+    if cfg.langevin_shared and (cfg.langevin_steps == 0 or cfg.lam):
+        raise DiffEncError("--langevin-shared takes the E-step's first step from the decoder's "
+                           "M-step alone; it needs --langevin-steps >= 1 and --lam 0")
     if cfg.model == "em" and cfg.compile:
         raise DiffEncError("--model em runs its decoder uncompiled (the E-step differentiates it "
                            "by z); drop --compile")
@@ -2130,6 +2187,7 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
     finite."""
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
+    opt.zero_grad(set_to_none=True)  # before the losses: --langevin-shared's backward runs inside
     if cfg.model == "em":
         losses = gaussian_losses if cfg.latent_encoder == "gaussian" else em_losses
         decoder_loss, encoder_loss, report = losses(model, *batch,
@@ -2150,7 +2208,6 @@ def train_step(net, model, ema, opt, cfg, step, batch, world):
         report /= world
     if not torch.isfinite(report).all():
         return report.cpu()
-    opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)

@@ -2216,6 +2216,68 @@ def test_the_e_step_moves_only_z_and_each_m_step_only_its_own_network(monkeypatc
 
 
 
+def test_the_shared_e_step_takes_its_first_gradient_from_the_decoders_m_step_at_z_0(
+        monkeypatch):
+    """[Diffusion Encoder: --langevin-shared] em_losses with the flag (K = 2, handed beta = 2
+    over the run's 1, dropout 0.1) runs the decoder's M-step once, in training mode, on the
+    encoder's draw z_0: the decoder gradients it leaves in .grad are those of its bpd at z_0 with
+    the same dropout masks, and none reaches the latent encoder; the E-step's first step is handed
+    U(z_0) = |z_0|^2 / 2 + L_diff(z_0) / beta and grad U = z_0 + dL_diff/dz_0 / beta as computed
+    directly (the bpd's gradient rescaled by B D ln 2), so the chain evaluates the decoder K - 1
+    times in eval mode, then U(z_K) once in training mode; the encoder's M-step gets z_K. Both
+    agree to 1e-10 of their largest entry (float64 sums of a few hundred terms). A chain that
+    cannot move reports Delta U = 0 exactly although dropout is on: U(z_K) replays the M-step's
+    masks."""
+    def losses(eta, seen):
+        model = randomize(em_model(dropout=0.1, langevin_steps=2, langevin_eta=eta, beta=1.0,
+                                   langevin_shared=True, langevin_precond=True)).train()
+        randomize(model.latent_enc.mlp)
+        sampler, e_step, forward = de.latent_sample, de.e_step, de.DiffEnc.forward
+        latent_loss, nll = de.latent_denoising_loss, de.decoder_nll
+        monkeypatch.setattr(de, "latent_sample", lambda *a: seen.setdefault("z_0", sampler(*a)))
+        monkeypatch.setattr(de, "e_step", lambda *a: seen.setdefault("e_step", (a, e_step(*a)))[1])
+        monkeypatch.setattr(de.DiffEnc, "forward", lambda self, *a, cond: seen.setdefault(
+            "forward", []).append((self.training, cond)) or forward(self, *a, cond=cond))
+        monkeypatch.setattr(de, "decoder_nll", lambda model, *a: seen.setdefault(
+            "nll", []).append(model.training) or nll(model, *a))
+        monkeypatch.setattr(de, "latent_denoising_loss",
+                            lambda f, z, *a: seen.update(enc=z) or latent_loss(f, z, *a))
+        torch.manual_seed(7)  # the dropout masks of the M-step
+        out = de.em_losses(model, x_int, t, eps, eps_0, seeded(2), 2.0)
+        monkeypatch.undo()
+        return model, out
+
+    x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=seeded(1))
+    t, eps, eps_0 = (a.double() for a in de.draw_noise(0, 0, 4, (1, 8, 8)))
+    seen = {}
+    model, (decoder_loss, _, report) = losses(1e-3, seen)
+    (z_0, _, _, K, _, _, first), (z_K, _) = seen["e_step"]
+    assert seen["z_0"] is z_0 and seen["enc"] is z_K and not decoder_loss.requires_grad
+    assert [m for m, _ in seen["forward"]] == [True, True] and seen["forward"][1][1] is z_K
+    assert torch.equal(seen["forward"][0][1], z_0) and seen["nll"] == [False] * (K - 1)
+    # the reference: the same pass on z_0 from the same random state
+    z = z_0.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    diff, latent, recon = model(x_int, t, eps, eps_0, cond=z)
+    dec = [(n, p) for n, p in model.named_parameters()
+           if p.requires_grad and not n.startswith("latent_enc.")]
+    grads = torch.autograd.grad(de.batch_bpd((diff, latent, recon), (1, 8, 8)).sum(),
+                                [p for _, p in dec], retain_graph=True, allow_unused=True)
+    grad_z, = torch.autograd.grad(diff.sum(), z)
+    for (n, p), g in zip(dec, grads):
+        assert (p.grad is None) == (g is None), n
+        assert g is None or close_to_scale(p.grad, g, 1e-10, g.abs().max() + 1e-300), n
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+    assert all(p.grad is None for p in model.latent_enc.parameters())
+    U_0 = 0.5 * z_0.square().sum(-1) + diff.detach() / 2.0
+    assert close_to_scale(first[0], U_0, 1e-10)
+    assert close_to_scale(first[1], z_0 + grad_z / 2.0, 1e-10)
+    assert (grad_z / 2.0).abs().max() > 1e-3          # the decoder reads z: a pressure to check
+    # a frozen chain: the same z and the same masks, so Delta U is 0 to the last bit
+    _, (_, _, report) = losses(1e-300, {})
+    assert report[4] == 0
+
+
 @pytest.mark.parametrize("encoder", ["fixed", "learned"])
 def test_the_em_decoder_may_be_a_diffenc_model(encoder):
     """[Diffusion Encoder: the decoder is any --encoder] With DiffEnc's fixed or learned encoder in
@@ -2491,9 +2553,11 @@ BAD_VALUES = dict(  # one value out of range for every Config field
     dropout=1.5, enc_dropout=-0.1, model="vae", latent_encoder="vae", latent_cond="concat",
     latent_gate="yes", latent_dim=65, latent_width=12, latent_skip="yes", latent_steps=0,
     langevin_steps=-1,
-    langevin_eta=0.0, langevin_precond="yes", beta=0.0, beta_warmup=-1, lam=1.0, steps=0,
+    langevin_eta=0.0, langevin_precond="yes", langevin_shared="yes", beta=0.0, beta_warmup=-1,
+    lam=1.0, steps=0,
     minutes=-1.0,
-    batch_size=-1, lr=-1.0, warmup=0, lr_decay="linear", weight_decay=-1.0, clip=-1.0, weight_bias=-math.inf,
+    batch_size=-1, lr=-1.0, warmup=0, lr_decay="linear", weight_decay=-1.0, clip=-1.0,
+    weight_bias=-math.inf,
     ema=1.0, seed=-1, out="", resume="yes", log_every=0, eval_every=0, eval_images=-5,
     save_every=0, skip_nonfinite=1, sample_steps=0, amp="no", compile=None)
 
@@ -3646,6 +3710,14 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
             (["--sample", ckpt, "--sigma-p", "optimal"], "drop --sigma-p optimal"),
             (["--train", "synthetic", *TINY, "--model", "em", "--latent-dim", 65], "--latent-dim"),
             (["--train", "synthetic", *TINY, "--model", "em", "--lam", 1], "--lam must be"),
+            (["--train", "synthetic", *TINY, "--model", "em", "--langevin-shared", "--lam", 0.5,
+              "--out", tmp_path / "em_shared"], "--lam 0"),
+            (["--train", "synthetic", *TINY, "--model", "em", "--langevin-shared",
+              "--langevin-steps", 0, "--out", tmp_path / "em_shared"], "--langevin-steps >= 1"),
+            (["--train", "synthetic", *TINY, "--model", "em", "--latent-encoder", "gaussian",
+              "--langevin-shared"], "drop --langevin-shared"),
+            (["--train", "synthetic", *TINY, "--langevin-shared"],
+             "--langevin-shared is an option of --model em"),
             (["--train", "synthetic", *TINY, "--steps", 1, "--out", tmp_path / "vdm_beta",
               "--beta", 0.5], "--beta is an option of --model em"),
             (["--eval", ckpt, "--beta", 0.5], "--beta is a training option of --model em"),
@@ -3659,6 +3731,25 @@ def test_em_mode_trains_resumes_bit_exactly_evaluates_pairs_and_samples(tmp_path
              "drop --latent-steps")):
         code, err = main_error(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
+
+
+def test_the_shared_e_step_resumes_bit_exactly(tmp_path, float32):
+    """[Diffusion Encoder: --langevin-shared, resume] 4 steps straight, and 2 then --resume to 4,
+    give the same log.csv and weights, bit for bit: the shared M-step's dropout masks and their
+    replay for Delta U are functions of the step, like every other draw."""
+    em = lambda out, **kw: tiny_config(out, model="em", encoder="none", latent_dim=4,
+                                       latent_width=8, latent_steps=3, langevin_steps=2,
+                                       langevin_shared=True, langevin_precond=True,
+                                       langevin_eta=0.3, latent_skip=True, **kw)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    de.train(em(straight, steps=4))
+    de.train(em(resumed, steps=2))
+    de.train(em(resumed, steps=4, resume=True))
+    log = (straight / "log.csv").read_text()
+    assert log == (resumed / "log.csv").read_text() and len(log.splitlines()) == 5
+    a, b = (de.load_checkpoint(str(d / "latest.pt")) for d in (straight, resumed))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
 
 
 def test_gaussian_encoder_trains_resumes_bit_exactly_evaluates_and_samples(tmp_path, capsys,
