@@ -842,14 +842,20 @@ def discrete_step(t, T):
     return (torch.floor(t * T) + 1).clamp(max=T)
 
 
+def forked_rng(device):
+    """A context that restores the random state (CPU, and device's) on exit: dropout inside it
+    draws the masks that the next call after it draws again."""
+    devices = [] if device.type == "cpu" else [device]
+    return torch.random.fork_rng(devices=devices, device_type=device.type)
+
+
 def same_dropout_mask(device, *calls):
     """Run each call from the same random state, so that dropout draws the same mask in all of
     them (their tensors must have the same shapes); afterwards the state has moved on as after
     one call. Returns the calls' results."""
     outs = []
     for call in calls[:-1]:
-        devices = [] if device.type == "cpu" else [device]
-        with torch.random.fork_rng(devices=devices, device_type=device.type):
+        with forked_rng(device):
             outs.append(call())
     return outs + [calls[-1]()]
 
@@ -1279,9 +1285,7 @@ def shared_m_step(model, x_int, t, eps, eps_0, z_0):
     dropout masks (its dropout draws from a fork of the random state, which the function replays
     once: Delta U's common random numbers)."""
     z_0 = z_0.detach().requires_grad_(True)
-    device = eps.device
-    devices = [] if device.type == "cpu" else [device]
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
+    with forked_rng(eps.device):
         diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_0)             # (B,) each, nats
         terms = batch_bpd((diff, latent, recon), model.image_shape)             # (3,) bpd
         terms.sum().backward()
@@ -1320,13 +1324,13 @@ def em_losses(model, x_int, t, eps, eps_0, g, beta):
         terms, *shared = shared_m_step(model, x_int, t, eps, eps_0, z_0)
         model.eval()
         z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal, beta, shared)
+        model.train()
     else:
         z_K, delta_U = em_e_step(model, x, z_0, denoise, times, normal, beta)  # (B, d), (B,)
         model.train()
         # 3. M-step, decoder: its -ELBO on the refined latents (z_K carries no graph).
         diff, latent, recon = model(x_int, t, eps, eps_0, cond=z_K)            # (B,) each, nats
         terms = batch_bpd((diff, latent, recon), model.image_shape)             # (3,) bpd
-    model.train()
     # 4. M-step, encoder: maximum likelihood of q_phi on the chain's samples.
     enc = latent_denoising_loss(denoise, z_K, times(), normal(B, d))         # (B,)
     report = torch.cat([terms.detach(), torch.stack([enc.detach().mean() / d + LATENT_RECON,
